@@ -1,0 +1,52 @@
+"""resilient: resilience middlewares for aiohttp clients.
+
+Throttle, 429 backoff that can wait 24 hours, retry with jitter and a budget, and a
+circuit breaker, each a native aiohttp client middleware::
+
+    async with resilient.session(resilient.Retry(), resilient.Throttle(5.0)) as s:
+        async with s.get(url) as resp:
+            ...
+"""
+
+from __future__ import annotations
+
+from ._breaker import CircuitBreaker
+from ._chain import DEFAULT_TIMEOUT, chain, session
+from ._deadline import deadline
+from ._errors import (
+    BodyNotReplayable,
+    CircuitOpenError,
+    DeadlineExceeded,
+    RateLimited,
+    ResilienceError,
+)
+from ._keys import KeyFunc, by_host
+from ._policy import Policy
+from ._ratelimit import RateLimitBackoff
+from ._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
+from ._throttle import Throttle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BodyNotReplayable",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "DecorrelatedJitter",
+    "FullJitter",
+    "KeyFunc",
+    "Policy",
+    "RateLimitBackoff",
+    "RateLimited",
+    "ResilienceError",
+    "Retry",
+    "RetryBudget",
+    "Throttle",
+    "__version__",
+    "by_host",
+    "chain",
+    "deadline",
+    "session",
+]

@@ -1,0 +1,41 @@
+"""The one time seam.
+
+Every duration inside ``resilient`` is measured with :func:`now` (the running
+event loop's clock, ``loop.time()``) and every wait goes through :func:`sleep`
+(``asyncio.sleep``). Tests fast-forward both with ``looptime``; nothing in the
+library reads ``time.monotonic`` or patches ``asyncio.sleep``.
+
+Wall-clock time (:func:`wall`) is read only where the outside world speaks it:
+HTTP-date ``Retry-After``, epoch reset headers, the UTC end time in log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+__all__ = ["now", "sleep", "wall", "wall_after"]
+
+
+def now() -> float:
+    """Seconds on the running event loop's clock (monotonic, arbitrary origin)."""
+    return asyncio.get_running_loop().time()
+
+
+async def sleep(seconds: float) -> None:
+    """Wait ``seconds`` on the event loop's clock (a non-positive value yields once)."""
+    await asyncio.sleep(seconds if seconds > 0.0 else 0.0)
+
+
+def wall() -> float:
+    """Wall-clock seconds since the Unix epoch (for HTTP dates and epoch headers)."""
+    return time.time()
+
+
+def wall_after(seconds: float) -> datetime:
+    """The UTC wall-clock instant ``seconds`` from now (for "waiting until ..." logs)."""
+    try:
+        return datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)

@@ -1,0 +1,91 @@
+"""Per-call time budgets: :func:`deadline` and the allowance of a wait.
+
+A wait may start only if it ends before every limit the caller is under:
+
+    allowance = min(deadline - now,                      # resilient.deadline()
+                    session.timeout.total - (now - started))  # aiohttp's total timeout
+
+``started`` is when the policy first saw the request. aiohttp's per-request
+``timeout=`` is invisible to middlewares (aiohttp 3.14); ``deadline()`` is the
+per-call budget.
+"""
+
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar, Token
+from types import TracebackType
+
+from aiohttp import ClientRequest
+
+from . import _clock
+
+__all__ = ["TIMEOUT_MARGIN", "allowance", "deadline", "remaining"]
+
+TIMEOUT_MARGIN = 0.05
+"""Seconds kept in hand before aiohttp's total timeout, so a wait never ends inside it."""
+
+_deadline: ContextVar[float | None] = ContextVar("resilient_deadline", default=None)
+
+
+class deadline:  # noqa: N801 - used like a function: ``with resilient.deadline(5):``
+    """Budget ``seconds`` for everything inside the block (``with`` or ``async with``).
+
+    Nested deadlines keep the earlier end. A wait that would end past the deadline
+    is not started: the policy returns the response it has, or raises
+    :class:`~resilient.DeadlineExceeded` when it has none.
+    """
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        if not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+            raise ValueError(f"deadline: seconds must be a number >= 0, got {seconds!r}")
+        self._seconds = float(seconds)
+        self._token: Token[float | None] | None = None
+
+    def __enter__(self) -> deadline:
+        end = _clock.now() + self._seconds
+        outer = _deadline.get()
+        self._token = _deadline.set(end if outer is None else min(outer, end))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            _deadline.reset(self._token)
+            self._token = None
+
+    async def __aenter__(self) -> deadline:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"resilient.deadline({self._seconds!r})"
+
+
+def remaining() -> float:
+    """Seconds left before the innermost :func:`deadline` (``inf`` outside one)."""
+    end = _deadline.get()
+    return math.inf if end is None else end - _clock.now()
+
+
+def allowance(request: ClientRequest, started: float) -> float:
+    """Seconds the caller may still spend waiting (may be negative; ``inf`` if unbounded)."""
+    left = remaining()
+    session = request.session
+    total = session.timeout.total if session is not None else None
+    if total is not None and total > 0:
+        left = min(left, total - (_clock.now() - started) - TIMEOUT_MARGIN)
+    return left

@@ -1,0 +1,56 @@
+"""Exception types. All derive from :class:`aiohttp.ClientError`, so code that
+already catches aiohttp's errors keeps working."""
+
+from __future__ import annotations
+
+import aiohttp
+
+__all__ = [
+    "BodyNotReplayable",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "RateLimited",
+    "ResilienceError",
+]
+
+
+class ResilienceError(aiohttp.ClientError):
+    """Base of every error ``resilient`` raises itself."""
+
+
+class CircuitOpenError(ResilienceError):
+    """The circuit for ``key`` is open: the request was not sent.
+
+    ``retry_after`` is the number of seconds until the breaker admits a probe.
+    """
+
+    def __init__(self, key: str, retry_after: float) -> None:
+        self.key = key
+        self.retry_after = retry_after
+        super().__init__(f"circuit open for {key}; retry in {retry_after:.3f}s")
+
+    def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
+        return (type(self), (self.key, self.retry_after))
+
+
+class DeadlineExceeded(ResilienceError):
+    """A wait would end past the caller's deadline and there is no response to return."""
+
+
+class RateLimited(ResilienceError):
+    """``key`` is paused (HTTP 429) for longer than the caller may wait; nothing was sent.
+
+    ``retry_after`` is the number of seconds until the pause ends.
+    """
+
+    def __init__(self, key: str, retry_after: float) -> None:
+        self.key = key
+        self.retry_after = retry_after
+        super().__init__(f"rate limited on {key}; retry in {retry_after:.3f}s")
+
+    def __reduce__(self) -> tuple[type[RateLimited], tuple[str, float]]:
+        return (type(self), (self.key, self.retry_after))
+
+
+class BodyNotReplayable(ResilienceError):
+    """A retry is needed but the request body (e.g. an async generator) was consumed."""

@@ -1,0 +1,1 @@
+"""Test helpers for users: a simulated Sage-like API and fault injection (issue 4)."""

@@ -1,0 +1,92 @@
+"""Shared fixtures: a scripted aiohttp server on 127.0.0.1 (port 0) that counts arrivals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Arrival:
+    """One request that reached the server: loop time, method, path, headers, body."""
+
+    time: float
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class ScriptedServer:
+    """A real aiohttp server whose replies a test scripts.
+
+    ``script(path, *replies)`` queues replies for ``path``: each a status int, or an
+    async ``(request) -> response`` callable; once the queue is empty the path's
+    ``default`` (200 "ok") answers. ``arrivals`` records every request in order.
+    """
+
+    url: str = ""
+    arrivals: list[Arrival] = field(default_factory=list)
+    queues: dict[str, list[int | Reply]] = field(default_factory=dict)
+    defaults: dict[str, int | Reply] = field(default_factory=dict)
+
+    def script(self, path: str, *replies: int | Reply) -> None:
+        self.queues.setdefault(path, []).extend(replies)
+
+    def default(self, path: str, reply: int | Reply) -> None:
+        self.defaults[path] = reply
+
+    def count(self, path: str | None = None, method: str | None = None) -> int:
+        return sum(
+            1
+            for a in self.arrivals
+            if (path is None or a.path == path) and (method is None or a.method == method)
+        )
+
+    def by_path(self) -> Counter[str]:
+        return Counter(a.path for a in self.arrivals)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        loop = asyncio.get_running_loop()
+        self.arrivals.append(
+            Arrival(loop.time(), request.method, request.path, dict(request.headers), body)
+        )
+        queue = self.queues.get(request.path)
+        reply = queue.pop(0) if queue else self.defaults.get(request.path, 200)
+        if isinstance(reply, int):
+            return web.Response(status=reply, text=f"status {reply}")
+        return await reply(request)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ScriptedServer]:
+    scripted = ScriptedServer()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", scripted.handle)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    scripted.url = f"http://127.0.0.1:{port}"
+    try:
+        yield scripted
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain session (no middlewares); tests pass ``middlewares=`` per request."""
+    async with aiohttp.ClientSession() as session:
+        yield session
