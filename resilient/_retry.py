@@ -1,14 +1,294 @@
-"""PLACEHOLDER: being written (issue 2)."""
+"""Retry: re-send on transient statuses and network failures, with jitter and a budget.
+
+Safe for APIs where a repeated POST creates a second record: a non-idempotent request
+is re-sent only when the outcome proves the server did not process it.
+"""
+
 from __future__ import annotations
-from typing import Any
+
+import math
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.payload import Payload
+
+from . import _clock, _deadline, _log
+from ._backoff import Backoff, BackoffLike, DecorrelatedJitter, FullJitter, per_call_factory
+from ._budget import Balance, RetryBudget
+from ._errors import BodyNotReplayable, DeadlineExceeded, ResilienceError
+from ._headers import parse_retry_after
+from ._keys import by_host
 from ._policy import Policy
-class FullJitter:
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None: ...
-class DecorrelatedJitter:
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None: ...
-class RetryBudget:
-    def __init__(self, ratio: float = 0.2, min_per_second: float = 10.0) -> None: ...
+
+__all__ = [
+    "DEFAULT_ATTEMPTS",
+    "DEFAULT_BACKOFF",
+    "DEFAULT_BUDGET",
+    "DEFAULT_MAX_DELAY",
+    "DEFAULT_STATUSES",
+    "IDEMPOTENT_METHODS",
+    "DecorrelatedJitter",
+    "FullJitter",
+    "Retry",
+    "RetryBudget",
+]
+
+DEFAULT_ATTEMPTS = 4
+"""Tries in total, the first included."""
+DEFAULT_STATUSES = frozenset({502, 503, 504})
+"""Statuses retried by default. 500 is not: it is a server bug, not a transient state."""
+DEFAULT_BACKOFF = FullJitter(0.5, 30.0)
+DEFAULT_BUDGET = RetryBudget(0.2, 10.0)
+DEFAULT_MAX_DELAY = 300.0
+"""Seconds: a server asking for a longer wait (``Retry-After``) gets its response back."""
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""RFC 9110 §9.2.2. Any other method is idempotent only with an ``Idempotency-Key``."""
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+_NOT_PROCESSED_STATUSES = frozenset({429, 503})
+"""Statuses that prove the server did not act on the request."""
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+# Failed before anything was sent: safe to re-send any request.
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Transient, but the request may have been processed: re-send idempotent requests only.
+_TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+# Never retried: TLS / certificate problems, a pinned fingerprint, our own errors
+# (CircuitOpenError: the breaker says stop).
+_NEVER = (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ResilienceError)
+
+
+def is_idempotent(request: ClientRequest) -> bool:
+    """GET, HEAD, OPTIONS, TRACE, PUT, DELETE; any method with an ``Idempotency-Key``."""
+    return request.method in IDEMPOTENT_METHODS or IDEMPOTENCY_KEY in request.headers
+
+
+def failure_reason(request: ClientRequest, exc: BaseException) -> str | None:
+    """Why ``exc`` may be retried for ``request``, or ``None`` if it must not be.
+
+    Connect failures (refused, DNS, connect timeout): any method. Read timeouts,
+    dropped connections, broken payloads: idempotent requests only. TLS errors and
+    ``ResilienceError`` (e.g. ``CircuitOpenError``): never.
+    """
+    if isinstance(exc, _NEVER):
+        return None
+    if isinstance(exc, _NOT_SENT) or (isinstance(exc, _TRANSIENT) and is_idempotent(request)):
+        return type(exc).__name__
+    return None
+
+
+def body_replayable(request: ClientRequest) -> bool:
+    """False when the body was a one-shot stream (async generator, pipe) already read."""
+    body = request.body
+    return not (isinstance(body, Payload) and body.consumed)
+
+
+def _statuses(value: Iterable[int]) -> frozenset[int]:
+    """``value`` as a frozenset of plain ints (``HTTPStatus`` members accepted)."""
+    try:
+        items = list(value)
+    except TypeError:
+        items = [-1]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in items):
+        raise ValueError(f"Retry: statuses must be HTTP status codes 100..599, got {value!r}")
+    return frozenset(int(s) for s in items)
+
+
 class Retry(Policy):
+    """Retry ``statuses`` and transient network failures with backoff, within a budget.
+
+    - ``attempts`` (default 4) counts the first try; ``attempts=1`` never retries.
+    - ``statuses`` (default 502, 503, 504) are retried; 500 is not by default.
+    - ``backoff``: :class:`FullJitter` (default), :class:`DecorrelatedJitter`, a tenacity
+      wait strategy, or an ``(attempt) -> seconds`` callable; waits above ``max_delay``
+      are clamped to it.
+    - ``Retry-After`` on 429/503 (seconds or HTTP-date) is honoured: wait
+      max(server delay, backoff). A server delay above ``max_delay`` (default 300 s) or
+      beyond the caller's allowance returns the response at once.
+    - ``budget``: a :class:`RetryBudget` (default ratio 0.2, 10/s); ``None`` disables it.
+      A retry the budget does not cover is not made.
+
+    Idempotency: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, and any request carrying an
+    ``Idempotency-Key`` header, are retried on every listed status and on transient
+    network failures. Other requests (POST, PATCH) are re-sent only when the outcome
+    proves they were not processed: 429, 503, or a failure to connect before anything
+    was sent; never after a read timeout, a dropped connection, 500, 502 or 504.
+
+    Outcomes: giving up on a status returns the last response unchanged (readable);
+    after the last network failure the original aiohttp exception propagates. A wait
+    that would end past the caller's allowance (``resilient.deadline()``, the session's
+    total timeout) is not started: the last response is returned, or
+    ``DeadlineExceeded`` is raised from the last exception. A body that cannot be sent
+    again (an async generator already read) raises ``BodyNotReplayable``: it is not
+    buffered. Every discarded response is released before the wait.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_backoff",
+        "_balance",
+        "_budget",
+        "_max_delay",
+        "_new_backoff",
+        "_statuses",
+    )
+
     kind = "retry"
     order = 10
-    def __init__(self, **kwargs: Any) -> None: ...
+
+    def __init__(
+        self,
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+        statuses: Iterable[int] = DEFAULT_STATUSES,
+        backoff: BackoffLike = DEFAULT_BACKOFF,
+        budget: RetryBudget | None = DEFAULT_BUDGET,
+        max_delay: float = DEFAULT_MAX_DELAY,
+    ) -> None:
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise ValueError(f"Retry: attempts must be an integer >= 1, got {attempts!r}")
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise ValueError(f"Retry: budget must be a RetryBudget or None, got {budget!r}")
+        if (
+            isinstance(max_delay, bool)
+            or not isinstance(max_delay, (int, float))
+            or not 0.0 <= max_delay < math.inf
+        ):
+            raise ValueError(
+                f"Retry: max_delay must be a finite number >= 0 (seconds), got {max_delay!r}"
+            )
+        self._attempts = attempts
+        self._statuses = _statuses(statuses)
+        self._backoff = backoff
+        self._new_backoff = per_call_factory(backoff)
+        self._budget = budget
+        self._balance = Balance(budget) if budget is not None else None
+        self._max_delay = float(max_delay)
+
+    @property
+    def attempts(self) -> int:
+        return self._attempts
+
+    @property
+    def statuses(self) -> frozenset[int]:
+        return self._statuses
+
+    @property
+    def backoff(self) -> BackoffLike:
+        return self._backoff
+
+    @property
+    def budget(self) -> RetryBudget | None:
+        return self._budget
+
+    @property
+    def max_delay(self) -> float:
+        return self._max_delay
+
+    def __repr__(self) -> str:
+        return (
+            f"Retry(attempts={self._attempts}, statuses={sorted(self._statuses)},"
+            f" backoff={self._backoff!r}, budget={self._budget!r},"
+            f" max_delay={self._max_delay!r})"
+        )
+
+    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        started = _clock.now()
+        balance = self._balance
+        if balance is not None:
+            balance.deposit(started)
+        try:
+            resp = await handler(request)
+        except aiohttp.ClientError as exc:
+            if self._attempts == 1 or failure_reason(request, exc) is None:
+                raise
+            return await self._retry(request, handler, started, None, exc)
+        if resp.status not in self._statuses:
+            return resp
+        return await self._retry(request, handler, started, resp, None)
+
+    async def _retry(
+        self,
+        request: ClientRequest,
+        handler: ClientHandlerType,
+        started: float,
+        resp: ClientResponse | None,
+        exc: aiohttp.ClientError | None,
+    ) -> ClientResponse:
+        """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made."""
+        backoff: Backoff | None = None  # per-call strategy state, built on the first retry
+        for attempt in range(1, self._attempts):  # attempt = number of this retry
+            reason = self._reason(request, resp, exc)
+            if reason is None:
+                break
+            if backoff is None:
+                backoff = self._new_backoff()
+            delay = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
+            if delay is None:  # the server asks for more than max_delay
+                break
+            if delay > _deadline.allowance(request, started):
+                if resp is None:
+                    raise DeadlineExceeded(
+                        f"retry: the next attempt ({delay:.3f}s away) would start after"
+                        " the caller's deadline or the session's total timeout"
+                    ) from exc
+                return resp
+            if not body_replayable(request):
+                if resp is not None:
+                    resp.release()
+                raise BodyNotReplayable(
+                    f"retry: {reason} needs the request sent again, but its body was a"
+                    " one-shot stream that was already read"
+                ) from exc
+            if self._balance is not None and not self._balance.withdraw(_clock.now()):
+                break
+            if resp is not None:
+                resp.release()
+            _log.log_wait("retry", reason, by_host(request), delay)
+            await _clock.sleep(delay)
+            try:
+                resp, exc = await handler(request), None
+            except aiohttp.ClientError as error:
+                resp, exc = None, error
+            if resp is not None and resp.status not in self._statuses:
+                return resp
+        return _give_up(resp, exc)
+
+    def _reason(
+        self,
+        request: ClientRequest,
+        resp: ClientResponse | None,
+        exc: aiohttp.ClientError | None,
+    ) -> str | None:
+        """Why this outcome may be retried, or ``None`` (see the class docstring)."""
+        if resp is None:
+            return None if exc is None else failure_reason(request, exc)
+        status = resp.status
+        if status in _NOT_PROCESSED_STATUSES or is_idempotent(request):
+            return f"status {status}"
+        return None
+
+
+def _wait_time(resp: ClientResponse | None, backoff: float, max_delay: float) -> float | None:
+    """max(backoff, Retry-After of a 429/503); ``None`` if the server asks for > max_delay."""
+    if resp is None or resp.status not in _RETRY_AFTER_STATUSES:
+        return backoff
+    server = parse_retry_after(resp.headers.get("Retry-After"), now=_clock.wall())
+    if server is None:
+        return backoff
+    return None if server > max_delay else max(backoff, server)
+
+
+def _clamp(delay: float, max_delay: float) -> float:
+    """A backoff's delay within [0, max_delay] (NaN and negatives -> 0)."""
+    return min(delay, max_delay) if delay > 0.0 else 0.0
+
+
+def _give_up(resp: ClientResponse | None, exc: aiohttp.ClientError | None) -> ClientResponse:
+    """Hand back the last response unchanged, or re-raise the last exception."""
+    if resp is not None:
+        return resp
+    assert exc is not None
+    raise exc

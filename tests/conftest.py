@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, settings
+
+# Shared, noisy 2-core machines: no per-example deadline; the pytest-timeout bounds each test.
+settings.register_profile(
+    "resilient", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("resilient")
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -1,0 +1,157 @@
+"""The per-key pause gate: one shared 429 pause, then exactly one probe.
+
+After a 429 the gate of the key *closes*: no caller may send until the pause ends
+(``until``, loop time). Callers wait in one FIFO queue. When the pause ends, the
+caller at the head of the queue becomes the **probe** and sends; everyone else
+keeps waiting until the probe's answer is known:
+
+- not a 429   -> :meth:`PauseGate.open`: every waiter is released at once;
+- a 429       -> :meth:`PauseGate.pause` again: a new (longer) pause, same queue;
+- an error, or the probing caller is cancelled -> :meth:`PauseGate.probe_failed`:
+  the head of the queue becomes the probe at once.
+
+A caller that leaves the queue (cancelled, or its wait grew too long) wakes the
+others, so no role is orphaned and the key never stays blocked. Every state change
+wakes every waiter, and each re-reads the state; waiters sleep only on their own
+future (with a timer for the pause end or the caller's limit), never on a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+from . import _clock
+
+__all__ = ["MAX_PAUSE", "PauseGate", "PauseTooLong"]
+
+MAX_PAUSE = 7 * 86_400.0
+"""No key is paused longer than this (seconds), whatever a server says; a longer or
+infinite retry time still makes every caller give up at once (it exceeds any wait)."""
+
+_EPSILON = 1e-3
+"""A caller with less than this many seconds left of its limit stops waiting."""
+
+
+class PauseTooLong(Exception):
+    """The key stays paused beyond the caller's limit; ``retry_after`` seconds remain."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class _Waiter:
+    """One caller in the queue: a future to wake it, re-created for every wait."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        """Until :meth:`wake`, or for ``seconds`` (``inf``: no timer)."""
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        timer = loop.call_later(max(seconds, 0.0), self.wake) if seconds < math.inf else None
+        try:
+            await future
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+
+
+class PauseGate:
+    """The pause state of one key. ``closed`` is the hot-path check (no clock read).
+
+    ``closed``: True from a 429 until a probe's answer is not a 429.
+    ``until``: loop time the current pause ends (a later 429 only extends it).
+    ``probing``: a probe is on the wire.
+    """
+
+    __slots__ = ("_waiters", "closed", "probing", "until")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.probing = False
+        self.until = 0.0
+        self._waiters: deque[_Waiter] = deque()
+
+    def remaining(self) -> float:
+        """Seconds until the pause ends (0 if open or already due)."""
+        return max(0.0, self.until - _clock.now()) if self.closed else 0.0
+
+    def waiting(self) -> int:
+        """How many callers wait in the queue (the probe on the wire not included)."""
+        return len(self._waiters)
+
+    def is_idle(self) -> bool:
+        """Nothing to remember: no waiter, no probe, and no pause still running."""
+        return (
+            not self._waiters
+            and not self.probing
+            and (not self.closed or self.until <= _clock.now())
+        )
+
+    def pause(self, delay: float, *, probe: bool) -> float:
+        """A 429 asked for ``delay`` seconds: close the gate until at least
+        ``now + min(delay, MAX_PAUSE)``; ``probe``: the 429 answered the probe.
+        Returns the seconds the pause still lasts."""
+        now = _clock.now()
+        self.closed = True
+        self.until = max(self.until, now + min(delay, MAX_PAUSE))
+        if probe:
+            self.probing = False
+        self._wake_all()
+        return self.until - now
+
+    def open(self) -> None:
+        """The probe's answer was not a 429: release every waiter."""
+        self.closed = False
+        self.probing = False
+        self._wake_all()
+
+    def probe_failed(self) -> None:
+        """The probe raised or was cancelled: the head of the queue probes instead."""
+        self.probing = False
+        self._wake_all()
+
+    async def wait_turn(self, latest: float, *, front: bool = False) -> bool:
+        """Wait until this caller may send: ``True`` as the probe, ``False`` when open.
+
+        ``latest``: the loop time the caller must stop waiting by. Raises
+        :class:`PauseTooLong` as soon as the pause would end after ``latest`` (or
+        ``latest`` comes while a probe is still out). ``front``: queue at the head
+        (a caller whose own request just got the 429 probes first).
+        """
+        waiter = _Waiter()
+        if front:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        try:
+            while self.closed:
+                now = _clock.now()
+                head = self._waiters[0] is waiter and not self.probing
+                if head and self.until <= now:
+                    self.probing = True
+                    return True
+                if self.until > latest or latest - now < _EPSILON:
+                    raise PauseTooLong(max(0.0, self.until - now))
+                await waiter.wait((self.until if head else latest) - now)
+            return False
+        finally:
+            self._waiters.remove(waiter)
+            if self.closed and not self.probing:
+                self._wake_all()  # a new head may have to take over
+
+    def _wake_all(self) -> None:
+        for waiter in self._waiters:
+            waiter.wake()

@@ -1,0 +1,646 @@
+"""SimulatedAPI: an in-process aiohttp server that behaves like Sage Business Cloud Accounting.
+
+Every request goes through the same stages, in order:
+
+1. ``latency`` (server-side delay), then the next fault :meth:`SimulatedAPI.inject`-ed
+   for the path, if any;
+2. outage windows (503 for everything), then the seeded random 503s (``error_rate``,
+   not on ``/token``);
+3. authentication (``auth=True``; not on ``/token``);
+4. the per-business quota (``X-Business``; not on ``/token``);
+5. the endpoint: ``fail_paths`` answer 500, unknown paths 404, wrong verbs 405.
+
+All times are on the event loop's clock (``loop.time()``), so ``looptime`` fast-forwards
+quota windows, 24-hour blocks, token expiry and outages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import secrets
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import date
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Literal
+
+from aiohttp import web
+
+from .. import _clock
+
+__all__ = [
+    "DEFAULT_ACCESS_TOKEN_TTL",
+    "DEFAULT_CONTACTS",
+    "DEFAULT_ITEMS_PER_PAGE",
+    "DEFAULT_QUOTA",
+    "FAULTS",
+    "MAX_ITEMS_PER_PAGE",
+    "LogEntry",
+    "SimulatedAPI",
+]
+
+DEFAULT_QUOTA = (200, 60.0)
+"""Sage's published limit: 200 requests per 60 seconds per business."""
+DEFAULT_ACCESS_TOKEN_TTL = 300.0
+"""Sage access tokens live 5 minutes."""
+REFRESH_TOKEN_TTL = 31 * 86_400
+"""Reported as ``refresh_token_expires_in`` (not enforced)."""
+DEFAULT_CONTACTS = 450
+DEFAULT_ITEMS_PER_PAGE = 20
+MAX_ITEMS_PER_PAGE = 200
+BUSINESS_HEADER = "X-Business"
+DEFAULT_BUSINESS = "default"
+"""The quota key of requests without an ``X-Business`` header."""
+SHUTDOWN_TIMEOUT = 0.1
+"""Seconds :meth:`SimulatedAPI.close` lets in-flight handlers (a ``slow_after``) finish."""
+DROPPED = 0
+"""``LogEntry.status`` of a request whose connection was dropped without a response."""
+
+FAULTS = frozenset({"503", "500", "429", "drop_before", "drop_after", "slow_after"})
+"""Fault names :meth:`SimulatedAPI.inject` accepts."""
+_STATUS_FAULTS = frozenset({"503", "500", "429"})
+_RETRY_AFTER_STYLES = ("seconds", "date", "none")
+_EPSILON = 1e-9  # float slack: a client that waits exactly Retry-After gets in
+
+# route pattern -> {method: handler name}; an id segment is written "{id}"
+_ROUTES: dict[str, dict[str, str]] = {
+    "/contacts": {"GET": "_list_contacts"},
+    "/contacts/{id}": {"GET": "_show_contact"},
+    "/sales_invoices": {"GET": "_list_invoices", "POST": "_create_invoice"},
+    "/sales_invoices/{id}": {"GET": "_show_invoice"},
+}
+_TOKEN_PATH = "/token"
+
+_MESSAGES = {
+    "PathNotFound": "The requested path is not found.",
+    "MethodNotAllowed": "The requested method is not allowed on this path.",
+    "RecordNotFound": "The requested record was not found.",
+    "UnsupportedMediaType": "The Accounting API only accepts application/json.",
+    "InternalServerError": "Dammit, you ran into a bug in our application.",
+    "ServiceUnavailable": (
+        "One of our servers required to serve this request could not be reached. "
+        "Please retry later."
+    ),
+    "TooManyRequests": "Too many requests have been made against the API. Please retry later.",
+    "AccessTokenExpiredError": "Your Access token has expired.",
+    "AuthorizationFailure": "The access token is missing, invalid or revoked.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One request the server handled.
+
+    ``time`` is the loop clock when it was handled (after ``latency``); ``business`` is
+    the ``X-Business`` header (``None`` if absent); ``status`` is the status sent, or
+    ``0`` when the connection was dropped without a response.
+    """
+
+    time: float
+    method: str
+    path: str
+    business: str | None
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    kind: str
+    delay: float
+
+
+def error_body(
+    data_code: str, message: str | None = None, source: str = ""
+) -> list[dict[str, str]]:
+    """A Sage error body: a list of ``{"$severity", "$dataCode", "$message", "$source"}``."""
+    return [
+        {
+            "$severity": "error",
+            "$dataCode": data_code,
+            "$message": message if message is not None else _MESSAGES.get(data_code, data_code),
+            "$source": source,
+        }
+    ]
+
+
+def _error(
+    status: int,
+    data_code: str,
+    message: str | None = None,
+    source: str = "",
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    return web.json_response(error_body(data_code, message, source), status=status, headers=headers)
+
+
+def _route(path: str) -> str | None:
+    """``/contacts/42 -> "/contacts/{id}"``; ``None`` for a path no route matches."""
+    if path in _ROUTES:
+        return path
+    collection, slash, ident = path.rpartition("/")
+    if slash and ident and collection + "/{id}" in _ROUTES:
+        return collection + "/{id}"
+    return None
+
+
+def _int_param(query: Any, name: str, default: int, high: int | None) -> int | None:
+    """An integer query parameter in ``1..high``, ``default`` if absent, ``None`` if invalid."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        return None
+    if value < 1 or (high is not None and value > high):
+        return None
+    return value
+
+
+def _is_iso_date(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate(
+    *,
+    quota: tuple[int, float] | None,
+    retry_after: str,
+    block_for: float | None,
+    error_rate: float,
+    outages: Sequence[tuple[float, float]],
+    latency: float,
+    access_token_ttl: float,
+    contacts: int,
+) -> None:
+    if quota is not None:
+        limit, window = quota
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"quota: limit must be an int >= 1, got {limit!r}")
+        if not window > 0 or math.isinf(window):
+            raise ValueError(f"quota: window must be finite seconds > 0, got {window!r}")
+    if retry_after not in _RETRY_AFTER_STYLES:
+        raise ValueError(f"retry_after must be one of {_RETRY_AFTER_STYLES}, got {retry_after!r}")
+    if block_for is not None and not 0 < block_for < math.inf:
+        raise ValueError(f"block_for must be None or finite seconds > 0, got {block_for!r}")
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
+    for start, end in outages:
+        if not 0.0 <= start < end:
+            raise ValueError(
+                f"outages: each (start, end) needs 0 <= start < end, got {(start, end)!r}"
+            )
+    if not 0.0 <= latency < math.inf:
+        raise ValueError(f"latency must be finite seconds >= 0, got {latency!r}")
+    if not 0 < access_token_ttl < math.inf:
+        raise ValueError(f"access_token_ttl must be finite seconds > 0, got {access_token_ttl!r}")
+    if not isinstance(contacts, int) or contacts < 0:
+        raise ValueError(f"contacts must be an int >= 0, got {contacts!r}")
+
+
+class SimulatedAPI:
+    """A Sage-like JSON API on ``127.0.0.1`` (port 0) with configurable trouble.
+
+    ``quota=(limit, window)``: per business, at most ``limit`` requests in any moving
+    ``window`` seconds (every path but ``/token``; refused requests do not count); the
+    next one gets 429 with ``Retry-After`` = seconds until the window frees (rounded up),
+    or, with ``block_for``, the business is refused for ``block_for`` seconds.
+    ``retry_after`` says how 429s tell the time: ``"seconds"``, ``"date"`` (HTTP-date,
+    rounded up to the second plus one second of slack) or ``"none"``.
+    ``error_rate``: seeded random 503s (no ``Retry-After``); ``outages``: ``(start, end)``
+    seconds since :meth:`start` during which every request gets 503; ``fail_paths``
+    answer 500 (not processed); ``latency``: server-side delay per request.
+    ``auth=True``: every path but ``/token`` needs ``Authorization: Bearer <token>``
+    (see :meth:`issue_tokens`); access tokens expire after ``access_token_ttl``.
+    """
+
+    def __init__(
+        self,
+        *,
+        quota: tuple[int, float] | None = DEFAULT_QUOTA,
+        retry_after: Literal["seconds", "date", "none"] = "seconds",
+        block_for: float | None = None,
+        error_rate: float = 0.0,
+        seed: int = 0,
+        outages: Sequence[tuple[float, float]] = (),
+        fail_paths: Collection[str] = (),
+        latency: float = 0.0,
+        auth: bool = False,
+        access_token_ttl: float = DEFAULT_ACCESS_TOKEN_TTL,
+        contacts: int = DEFAULT_CONTACTS,
+    ) -> None:
+        _validate(
+            quota=quota,
+            retry_after=retry_after,
+            block_for=block_for,
+            error_rate=error_rate,
+            outages=outages,
+            latency=latency,
+            access_token_ttl=access_token_ttl,
+            contacts=contacts,
+        )
+        self._quota = quota
+        self._retry_after = retry_after
+        self._block_for = block_for
+        self._error_rate = error_rate
+        self._random = random.Random(seed)
+        self._outages = tuple((float(s), float(e)) for s, e in outages)
+        self._fail_paths = frozenset(fail_paths)
+        self._latency = latency
+        self._auth = auth
+        self._access_token_ttl = access_token_ttl
+
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.app.on_startup.append(self._on_startup)
+        self.url = ""
+        self.log: list[LogEntry] = []
+        self.invoices: list[dict[str, Any]] = []
+
+        self._contacts = [
+            {
+                "id": str(i),
+                "displayed_as": f"Contact {i} (C{i:05d})",
+                "$path": f"/contacts/{i}",
+                "name": f"Contact {i}",
+                "reference": f"C{i:05d}",
+                "contact_types": [{"id": "CUSTOMER", "displayed_as": "Customer"}],
+            }
+            for i in range(1, contacts + 1)
+        ]
+        self._faults: dict[str, deque[_Fault]] = {}
+        self._hits: dict[str, deque[float]] = {}  # business -> admitted request times
+        self._blocked: dict[str, float] = {}  # business -> loop time the block ends
+        self._access: dict[str, float] = {}  # access token -> loop time it expires
+        self._refresh: set[str] = set()  # refresh tokens that may still be used (once)
+        self._revoked: set[str] = set()
+        self._t0 = 0.0
+        self._runner: web.AppRunner | None = None
+
+    def __repr__(self) -> str:
+        return f"<SimulatedAPI {self.url or '(not started)'} requests={len(self.log)}>"
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Serve on ``127.0.0.1``, a free port; return (and set) :attr:`url`.
+
+        The clock origin of ``outages`` is now.
+        """
+        if self._runner is not None:
+            raise RuntimeError("SimulatedAPI.start: already started")
+        runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def _on_startup(self, app: web.Application) -> None:
+        """The clock origin of ``outages``, also when ``app`` is served by another runner."""
+        self._t0 = _clock.now()
+
+    async def close(self) -> None:
+        """Stop serving (idempotent); in-flight handlers get :data:`SHUTDOWN_TIMEOUT`."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> SimulatedAPI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- test controls ---------------------------------------------------------------
+
+    def issue_tokens(self) -> tuple[str, str]:
+        """A fresh ``(access_token, refresh_token)`` pair, valid from now (loop clock)."""
+        access = secrets.token_urlsafe(24)
+        refresh = secrets.token_urlsafe(24)
+        self._access[access] = _clock.now() + self._access_token_ttl
+        self._refresh.add(refresh)
+        return access, refresh
+
+    def expire_access_tokens(self) -> None:
+        """Every access token issued so far answers 401 ``AccessTokenExpiredError`` from now."""
+        for token in self._access:
+            self._access[token] = -math.inf
+
+    def revoke(self, token: str) -> None:
+        """An access or refresh token answers 401 ``AuthorizationFailure`` from now on."""
+        self._revoked.add(token)
+        self._refresh.discard(token)
+
+    def inject(self, path: str, fault: str, count: int = 1, *, delay: float = 0.0) -> None:
+        """Queue ``fault`` for the next ``count`` requests to ``path`` (exact match, no query).
+
+        ``"503"``, ``"500"``: that status, nothing processed. ``"429"``: a 429 whose
+        ``Retry-After`` (in the configured style) says ``delay`` seconds, or 1 if 0.
+        ``"drop_before"``: close the connection without processing. ``"drop_after"``:
+        process the request (e.g. create the invoice), then close without replying.
+        ``"slow_after"``: process, then wait ``delay`` seconds before replying.
+
+        Note: aiohttp's client re-sends an idempotent request (GET, PUT, DELETE ...) once
+        by itself when a *reused* keep-alive connection drops, which takes the next
+        queued fault; a POST is never re-sent by aiohttp.
+        """
+        if fault not in FAULTS:
+            raise ValueError(f"inject: fault must be one of {sorted(FAULTS)}, got {fault!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"inject: count must be an int >= 1, got {count!r}")
+        if not 0.0 <= delay < math.inf:
+            raise ValueError(f"inject: delay must be finite seconds >= 0, got {delay!r}")
+        self._faults.setdefault(path, deque()).extend([_Fault(fault, delay)] * count)
+
+    def count(
+        self, path: str | None = None, method: str | None = None, status: int | None = None
+    ) -> int:
+        """How many logged requests match every given criterion."""
+        return sum(
+            1
+            for e in self.log
+            if (path is None or e.path == path)
+            and (method is None or e.method == method)
+            and (status is None or e.status == status)
+        )
+
+    # --- request pipeline ------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._latency:
+            await asyncio.sleep(self._latency)
+        now = _clock.now()
+        business = request.headers.get(BUSINESS_HEADER)
+        queue = self._faults.get(request.path)
+        fault = queue.popleft() if queue else None
+        if fault is None:
+            response = await self._respond(request, business, now)
+        elif fault.kind == "drop_before":
+            return self._drop(request, business, now)
+        elif fault.kind in _STATUS_FAULTS:
+            response = self._fault_response(fault)
+        else:
+            response = await self._respond(request, business, now)
+            if fault.kind == "drop_after":
+                return self._drop(request, business, now)
+        self.log.append(LogEntry(now, request.method, request.path, business, response.status))
+        if fault is not None and fault.kind == "slow_after":
+            await asyncio.sleep(fault.delay)
+        return response
+
+    async def _respond(
+        self, request: web.Request, business: str | None, now: float
+    ) -> web.Response:
+        path = request.path
+        if self._outages and self._in_outage(now):
+            return _error(503, "ServiceUnavailable")
+        if path == _TOKEN_PATH:
+            return await self._token(request)
+        if self._error_rate and self._random.random() < self._error_rate:
+            return _error(503, "ServiceUnavailable")
+        if self._auth and (denied := self._authenticate(request, now)) is not None:
+            return denied
+        if self._quota is not None:
+            wait = self._admit(business or DEFAULT_BUSINESS, now)
+            if wait is not None:
+                return self._too_many(wait)
+        if path in self._fail_paths:
+            return _error(500, "InternalServerError")
+        return await self._endpoint(request)
+
+    def _in_outage(self, now: float) -> bool:
+        since = now - self._t0
+        return any(start <= since < end for start, end in self._outages)
+
+    def _authenticate(self, request: web.Request, now: float) -> web.Response | None:
+        """``None`` if the bearer token is valid now, else the 401 to send."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or token not in self._access or token in self._revoked:
+            return _error(
+                401,
+                "AuthorizationFailure",
+                source="Authorization",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        if now >= self._access[token]:
+            return _error(
+                401,
+                "AccessTokenExpiredError",
+                source="Authorization",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return None
+
+    def _admit(self, business: str, now: float) -> float | None:
+        """Count a request of ``business``; ``None`` if within quota, else seconds to wait.
+
+        Moving window: admitted if fewer than ``limit`` admitted requests lie in
+        ``(now - window, now]``. Over the limit with ``block_for``: blocked until
+        ``now + block_for``.
+        """
+        blocked_until = self._blocked.get(business)
+        if blocked_until is not None:
+            if now < blocked_until:
+                return blocked_until - now
+            del self._blocked[business]
+        assert self._quota is not None
+        limit, window = self._quota
+        hits = self._hits.get(business)
+        if hits is None:
+            hits = self._hits[business] = deque()
+        while hits and hits[0] + window <= now + _EPSILON:
+            hits.popleft()
+        if len(hits) < limit:
+            hits.append(now)
+            return None
+        if self._block_for is not None:
+            self._blocked[business] = now + self._block_for
+            return self._block_for
+        return hits[0] + window - now
+
+    def _too_many(self, wait: float) -> web.Response:
+        return _error(429, "TooManyRequests", headers=self._retry_after_header(wait))
+
+    def _retry_after_header(self, wait: float) -> dict[str, str]:
+        """``Retry-After`` for a wait of ``wait`` seconds, in the configured style."""
+        if self._retry_after == "seconds":
+            return {"Retry-After": str(max(1, math.ceil(wait - _EPSILON)))}
+        if self._retry_after == "date":
+            # an HTTP-date has whole seconds and the client reads it against its own
+            # wall clock: round up and add a second so it never comes back early
+            return {"Retry-After": formatdate(math.ceil(_clock.wall() + wait) + 1, usegmt=True)}
+        return {}
+
+    def _fault_response(self, fault: _Fault) -> web.Response:
+        if fault.kind == "429":
+            return self._too_many(fault.delay or 1.0)
+        if fault.kind == "500":
+            return _error(500, "InternalServerError")
+        return _error(503, "ServiceUnavailable")
+
+    def _drop(self, request: web.Request, business: str | None, now: float) -> web.Response:
+        """Close the connection without a response.
+
+        aiohttp then fails to write the returned response to the closed transport and
+        drops it quietly; the client sees the connection end (ServerDisconnectedError).
+        """
+        self.log.append(LogEntry(now, request.method, request.path, business, DROPPED))
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        return web.Response(status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    async def _endpoint(self, request: web.Request) -> web.Response:
+        pattern = _route(request.path)
+        if pattern is None:
+            return _error(404, "PathNotFound", source="Gateway")
+        methods = _ROUTES[pattern]
+        name = methods.get(request.method)
+        if name is None:
+            return _error(
+                405, "MethodNotAllowed", source="Gateway", headers={"Allow": ", ".join(methods)}
+            )
+        handler = getattr(self, name)
+        response: web.Response = await handler(request)
+        return response
+
+    async def _list_contacts(self, request: web.Request) -> web.Response:
+        return _page(request, self._contacts)
+
+    async def _show_contact(self, request: web.Request) -> web.Response:
+        ident = request.path.rpartition("/")[2]
+        index = int(ident) - 1 if ident.isdecimal() else -1
+        if not 0 <= index < len(self._contacts):
+            return _error(404, "RecordNotFound", source="id")
+        return web.json_response(self._contacts[index])
+
+    async def _list_invoices(self, request: web.Request) -> web.Response:
+        return _page(request, self.invoices)
+
+    async def _show_invoice(self, request: web.Request) -> web.Response:
+        ident = request.path.rpartition("/")[2]
+        for invoice in self.invoices:
+            if invoice["id"] == ident:
+                return web.json_response(invoice)
+        return _error(404, "RecordNotFound", source="id")
+
+    async def _create_invoice(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return _error(415, "UnsupportedMediaType", source="Content-Type")
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _error(422, "RecordInvalid", "The request body is not valid JSON.", "body")
+        fields = body.get("sales_invoice") if isinstance(body, dict) else None
+        if not isinstance(fields, dict):
+            return _error(422, "RecordInvalid", "sales_invoice is required.", "sales_invoice")
+        if not isinstance(fields.get("contact_id"), str) or not fields["contact_id"]:
+            return _error(422, "RecordInvalid", "contact_id can't be blank.", "contact_id")
+        if not _is_iso_date(fields.get("date")):
+            return _error(422, "RecordInvalid", "date must be a date (YYYY-MM-DD).", "date")
+        lines = fields.get("invoice_lines", [])
+        if not isinstance(lines, list):
+            return _error(422, "RecordInvalid", "invoice_lines must be a list.", "invoice_lines")
+        number = len(self.invoices) + 1
+        invoice = {
+            **fields,
+            "id": str(number),
+            "displayed_as": f"SI-{number}",
+            "invoice_number": f"SI-{number}",
+            "$path": f"/sales_invoices/{number}",
+            "invoice_lines": lines,
+        }
+        self.invoices.append(invoice)
+        return web.json_response(invoice, status=201)
+
+    async def _token(self, request: web.Request) -> web.Response:
+        """OAuth refresh: ``grant_type=refresh_token`` + a refresh token, used at most once."""
+        if request.method != "POST":
+            return _error(405, "MethodNotAllowed", source="Gateway", headers={"Allow": "POST"})
+        params = await _token_params(request)
+        if params.get("grant_type") != "refresh_token":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        refresh = params.get("refresh_token")
+        if not isinstance(refresh, str) or not refresh:
+            return web.json_response({"error": "invalid_request"}, status=400)
+        if refresh in self._revoked:
+            return _error(401, "AuthorizationFailure", source="refresh_token")
+        if refresh not in self._refresh:
+            return web.json_response(
+                {"error": "invalid_grant", "error_description": "refresh token is invalid or used"},
+                status=400,
+            )
+        self._refresh.discard(refresh)
+        access, new_refresh = self.issue_tokens()
+        return web.json_response(
+            {
+                "access_token": access,
+                "refresh_token": new_refresh,
+                "expires_in": math.ceil(self._access_token_ttl),
+                "refresh_token_expires_in": REFRESH_TOKEN_TTL,
+                "token_type": "bearer",
+            }
+        )
+
+
+async def _token_params(request: web.Request) -> dict[str, Any]:
+    """The token request's parameters, from a JSON or a form body (``{}`` if neither)."""
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+    form = await request.post()
+    return {key: value for key, value in form.items() if isinstance(value, str)}
+
+
+def _page(request: web.Request, items: Sequence[dict[str, Any]]) -> web.Response:
+    """One page of ``items`` in Sage's list format (``$items``, ``$next``, ``$total`` ...)."""
+    page = _int_param(request.query, "page", 1, None)
+    if page is None:
+        return _error(422, "RecordInvalid", "page must be an integer >= 1.", "page")
+    per = _int_param(request.query, "items_per_page", DEFAULT_ITEMS_PER_PAGE, MAX_ITEMS_PER_PAGE)
+    if per is None:
+        return _error(
+            422,
+            "RecordInvalid",
+            f"items_per_page must be an integer from 1 to {MAX_ITEMS_PER_PAGE}.",
+            "items_per_page",
+        )
+    start = (page - 1) * per
+    path = request.path
+    return web.json_response(
+        {
+            "$total": len(items),
+            "$page": page,
+            "$next": f"{path}?page={page + 1}&items_per_page={per}"
+            if start + per < len(items)
+            else None,
+            "$back": f"{path}?page={page - 1}&items_per_page={per}" if page > 1 else None,
+            "$itemsPerPage": per,
+            "$items": [
+                {"id": item["id"], "displayed_as": item["displayed_as"], "$path": item["$path"]}
+                for item in items[start : start + per]
+            ],
+        }
+    )
