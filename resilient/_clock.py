@@ -15,12 +15,20 @@ import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["now", "sleep", "wall", "wall_after"]
+from aiohttp import ClientRequest
+
+__all__ = ["now", "now_for", "sleep", "wall", "wall_after"]
 
 
 def now() -> float:
     """Seconds on the running event loop's clock (monotonic, arbitrary origin)."""
     return asyncio.get_running_loop().time()
+
+
+def now_for(request: ClientRequest) -> float:
+    """:func:`now` read through the request's own loop: the same clock, about twice as
+    cheap on Python 3.11 (no running-loop lookup). For hot paths."""
+    return request.loop.time()
 
 
 async def sleep(seconds: float) -> None:

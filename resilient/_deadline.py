@@ -5,7 +5,8 @@ A wait may start only if it ends before every limit the caller is under:
     allowance = min(deadline - now,                      # resilient.deadline()
                     session.timeout.total - (now - started))  # aiohttp's total timeout
 
-``started`` is when the policy first saw the request. aiohttp's per-request
+``started`` is when ``resilient`` first saw the request: the earlier of the time the
+calling policy passes and the mark an outer policy left with :func:`mark_start`. aiohttp's per-request
 ``timeout=`` is invisible to middlewares (aiohttp 3.14); ``deadline()`` is the
 per-call budget.
 """
@@ -20,7 +21,7 @@ from aiohttp import ClientRequest
 
 from . import _clock
 
-__all__ = ["TIMEOUT_MARGIN", "allowance", "deadline", "remaining"]
+__all__ = ["TIMEOUT_MARGIN", "allowance", "deadline", "mark_start", "remaining"]
 
 TIMEOUT_MARGIN = 0.05
 """Seconds kept in hand before aiohttp's total timeout, so a wait never ends inside it."""
@@ -81,11 +82,21 @@ def remaining() -> float:
     return math.inf if end is None else end - _clock.now()
 
 
+_STARTED = "_resilient_started"
+
+
+def mark_start(request: ClientRequest, now: float) -> float:
+    """Record ``now`` as the time ``request`` started, unless an outer policy already did."""
+    started: float = vars(request).setdefault(_STARTED, now)
+    return started
+
+
 def allowance(request: ClientRequest, started: float) -> float:
     """Seconds the caller may still spend waiting (may be negative; ``inf`` if unbounded)."""
     left = remaining()
     session = request.session
     total = session.timeout.total if session is not None else None
     if total is not None and total > 0:
+        started = min(started, vars(request).get(_STARTED, started))
         left = min(left, total - (_clock.now() - started) - TIMEOUT_MARGIN)
     return left

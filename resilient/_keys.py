@@ -13,6 +13,6 @@ KeyFunc = Callable[[ClientRequest], str]
 
 
 def by_host(request: ClientRequest) -> str:
-    """``scheme://host:port`` of the request (the default key)."""
+    """``scheme://host[:port]`` of the request (the default key; a default port is omitted)."""
     url = request.url
-    return f"{url.scheme}://{url.raw_host}:{url.port}"
+    return url.scheme + "://" + url.host_port_subcomponent

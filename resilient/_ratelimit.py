@@ -160,7 +160,7 @@ class RateLimitBackoff(Policy):
         key = self._key(request)
         gate = self._gates.get(key)
         # Our entry time bounds waits by aiohttp's total timeout; without one it is unused.
-        started = _clock.now() if request.session.timeout.total else 0.0
+        started = _clock.now_for(request) if request.session.timeout.total else 0.0
         if gate is None or not gate.closed:
             resp = await handler(request)
             if resp.status != 429:

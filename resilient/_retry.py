@@ -195,7 +195,7 @@ class Retry(Policy):
         )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        started = _clock.now()
+        started = _deadline.mark_start(request, _clock.now_for(request))
         balance = self._balance
         if balance is not None:
             balance.deposit(started)

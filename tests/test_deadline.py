@@ -10,7 +10,7 @@ import pytest
 
 import resilient
 from resilient import _clock
-from resilient._deadline import TIMEOUT_MARGIN, allowance, remaining
+from resilient._deadline import TIMEOUT_MARGIN, allowance, mark_start, remaining
 
 
 @pytest.mark.looptime
@@ -106,3 +106,24 @@ async def test_allowance_is_unbounded_without_total_or_deadline(server):
     async with resilient.session(probe) as s, s.get(server.url):
         pass
     assert seen == [math.inf]
+
+
+@pytest.mark.looptime
+async def test_an_inner_policy_counts_time_spent_by_an_outer_one(server):
+    """The outer policy marks the start; the inner one's allowance includes the outer wait."""
+    seen: list[float] = []
+
+    async def outer(request, handler):
+        mark_start(request, _clock.now())
+        await asyncio.sleep(200)  # e.g. Retry's backoff before this attempt
+        return await handler(request)
+
+    async def inner(request, handler):
+        seen.append(allowance(request, _clock.now()))
+        return await handler(request)
+
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=300), middlewares=(outer, inner)
+    ) as s, s.get(server.url):
+        pass
+    assert seen[0] == pytest.approx(100 - TIMEOUT_MARGIN, abs=1e-3)
