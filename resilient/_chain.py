@@ -11,7 +11,9 @@ from ._policy import Policy
 
 __all__ = ["DEFAULT_TIMEOUT", "chain", "session"]
 
-DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=60.0, sock_connect=30.0, sock_read=120.0)
+DEFAULT_TIMEOUT = aiohttp.ClientTimeout(
+    total=None, connect=60.0, sock_connect=30.0, sock_read=120.0
+)
 """``session()``'s timeout: no total (a 429 may ask for a 24-hour wait, and aiohttp's
 ``total`` wraps the whole middleware chain), but finite connect and read timeouts."""
 

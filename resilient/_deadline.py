@@ -2,13 +2,13 @@
 
 A wait may start only if it ends before every limit the caller is under:
 
-    allowance = min(deadline - now,                      # resilient.deadline()
-                    session.timeout.total - (now - started))  # aiohttp's total timeout
+    allowance = min(deadline - now,                           # resilient.deadline()
+                    session.timeout.total - (now - started))  # aiohttp's total
 
 ``started`` is when ``resilient`` first saw the request: the earlier of the time the
-calling policy passes and the mark an outer policy left with :func:`mark_start`. aiohttp's per-request
-``timeout=`` is invisible to middlewares (aiohttp 3.14); ``deadline()`` is the
-per-call budget.
+calling policy passes and the mark an outer policy left with :func:`mark_start`.
+aiohttp's per-request ``timeout=`` is invisible to middlewares (aiohttp 3.14);
+``deadline()`` is the per-call budget.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TIMEOUT_MARGIN = 0.05
 _deadline: ContextVar[float | None] = ContextVar("resilient_deadline", default=None)
 
 
-class deadline:  # noqa: N801 - used like a function: ``with resilient.deadline(5):``
+class deadline:
     """Budget ``seconds`` for everything inside the block (``with`` or ``async with``).
 
     Nested deadlines keep the earlier end. A wait that would end past the deadline

@@ -15,4 +15,4 @@ KeyFunc = Callable[[ClientRequest], str]
 def by_host(request: ClientRequest) -> str:
     """``scheme://host[:port]`` of the request (the default key; a default port is omitted)."""
     url = request.url
-    return url.scheme + "://" + url.host_port_subcomponent
+    return url.scheme + "://" + (url.host_port_subcomponent or "")

@@ -50,8 +50,10 @@ def test_empty_chain_is_empty():
 async def test_session_has_no_total_timeout_but_finite_connect_and_read():
     async with resilient.session(resilient.Retry()) as s:
         assert s.timeout.total is None
-        assert s.timeout.sock_read is not None and s.timeout.sock_read > 0
-        assert s.timeout.connect is not None and s.timeout.connect > 0
+        assert s.timeout.sock_read is not None
+        assert s.timeout.sock_read > 0
+        assert s.timeout.connect is not None
+        assert s.timeout.connect > 0
         assert s.timeout == DEFAULT_TIMEOUT
 
 

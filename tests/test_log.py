@@ -22,12 +22,15 @@ async def test_long_wait_is_logged_at_info_with_utc_end(caplog):
     (record,) = caplog.records
     assert record.levelno == logging.INFO
     message = record.getMessage()
-    assert "retry" in message and "503 Retry-After" in message and "http://h:80" in message
+    assert "retry" in message
+    assert "503 Retry-After" in message
+    assert "http://h:80" in message
     assert "1h 0m 0s" in message
     stamp = re.search(r"until (\S+)$", message)
     assert stamp is not None
     end = datetime.fromisoformat(stamp.group(1))
-    assert end.tzinfo is not None and end.utcoffset() == timedelta(0)
+    assert end.tzinfo is not None
+    assert end.utcoffset() == timedelta(0)
     assert abs((end - datetime.now(UTC)) - timedelta(hours=1)) < timedelta(seconds=5)
 
 
