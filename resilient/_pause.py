@@ -123,14 +123,20 @@ class PauseGate:
         self.probing = False
         self._wake_all()
 
-    async def wait_turn(self, latest: float, *, front: bool = False) -> bool:
+    async def wait_turn(
+        self, latest: float, hard: float | None = None, *, front: bool = False
+    ) -> bool:
         """Wait until this caller may send: ``True`` as the probe, ``False`` when open.
 
-        ``latest``: the loop time the caller must stop waiting by. Raises
-        :class:`PauseTooLong` as soon as the pause would end after ``latest`` (or
-        ``latest`` comes while a probe is still out). ``front``: queue at the head
-        (a caller whose own request just got the 429 probes first).
+        ``latest``: the pause must end by this loop time (``max_wait`` and the caller's
+        allowance); :class:`PauseTooLong` is raised as soon as it would end later.
+        ``hard``: the loop time the caller must stop waiting altogether (its deadline or
+        aiohttp's total timeout; default ``latest``): a pause that ended in time may
+        overrun ``latest`` by the probe's round trip, never ``hard``. ``front``: queue at
+        the head (a caller whose own request just got the 429 probes first).
         """
+        if hard is None:
+            hard = latest
         waiter = _Waiter()
         if front:
             self._waiters.appendleft(waiter)
@@ -143,9 +149,9 @@ class PauseGate:
                 if head and self.until <= now:
                     self.probing = True
                     return True
-                if self.until > latest or latest - now < _EPSILON:
+                if self.until > latest or hard - now < _EPSILON:
                     raise PauseTooLong(max(0.0, self.until - now))
-                await waiter.wait((self.until if head else latest) - now)
+                await waiter.wait((self.until if head else hard) - now)
             return False
         finally:
             self._waiters.remove(waiter)

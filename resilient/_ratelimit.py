@@ -181,7 +181,8 @@ class RateLimitBackoff(Policy):
         while True:
             gate = self._gates.get_or_create(key)  # not evicted while we wait or probe
             now = _clock.now()
-            latest = now + min(self._max_wait - waited, allowance(request, started))
+            hard = now + allowance(request, started)
+            latest = min(now + self._max_wait - waited, hard)
             if resp is not None:  # a 429: pause the key, then give up or wait our turn
                 strikes += 1
                 hint = retry_hint(resp.headers, now=_clock.wall())
@@ -196,7 +197,7 @@ class RateLimitBackoff(Policy):
             elif gate.closed and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s: %s is paused for %.3fs", _KIND, key, gate.remaining())
             try:
-                probe = await gate.wait_turn(latest, front=resp is not None)
+                probe = await gate.wait_turn(latest, hard, front=resp is not None)
             except PauseTooLong as exc:
                 raise RateLimited(key, exc.retry_after) from None
             finally:

@@ -136,6 +136,19 @@ async def test_a_refused_probe_starts_a_new_pause_with_again_one_probe(server, r
 
 
 @pytest.mark.looptime
+async def test_callers_whose_max_wait_equals_the_pause_follow_a_slow_probe(server):
+    """A day-long 429 with max_wait of a day: the probe's round trip must not push the
+    waiters over max_wait (they waited for the pause, not for the probe's answer)."""
+    for _ in range(10):
+        server.script("/x", too_many({"Retry-After": "86400"}))
+    server.script("/x", slow_ok(5))
+    async with resilient.session(RateLimitBackoff(max_wait=86_400)) as s:
+        results = await asyncio.gather(*(get(s, server.url + "/x") for _ in range(10)))
+    assert [status for status, _ in results] == [200] * 10
+    assert len(server.arrivals) == 20
+
+
+@pytest.mark.looptime
 async def test_callers_that_all_met_the_429_send_one_probe(server, rsession):
     for _ in range(10):
         server.script("/x", too_many({"Retry-After": "30"}))
