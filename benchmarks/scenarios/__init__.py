@@ -1,0 +1,15 @@
+"""The scenarios, in report order. Each module has NAME, TITLE, ``units(cfg)`` (progress
+units it will report) and ``run(cfg, progress) -> ScenarioResult``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import day, flaky, inprocess, outage, overhead, quota, scale, storm
+
+SCENARIOS: dict[str, ModuleType] = {
+    module.NAME: module
+    for module in (overhead, inprocess, quota, storm, flaky, outage, day, scale)
+}
+
+__all__ = ["SCENARIOS"]
