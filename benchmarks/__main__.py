@@ -62,9 +62,18 @@ def run_scenarios(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logger = logging.getLogger("resilient")
+    level = logger.level
+    try:
+        return _main(argv, logger)
+    finally:
+        logger.setLevel(level)  # main() also runs in-process (tests): leave logging as found
+
+
+def _main(argv: Sequence[str] | None, logger: logging.Logger) -> int:
     args = parse_args(argv)
     if not args.log:  # the scenarios open breakers and wait on purpose: keep stderr for the bar
-        logging.getLogger("resilient").setLevel(logging.ERROR)
+        logger.setLevel(logging.ERROR)
     cfg = Config(quick=args.quick)
     names = [n for n in SCENARIOS if args.only is None or n in args.only]
     progress = Progress(

@@ -1,8 +1,360 @@
-"""PLACEHOLDER: being written (issue 3)."""
+"""Throttle: a client-side token bucket per key, plus optional quota windows.
+
+Every wire attempt (it sits innermost in :func:`resilient.chain`, so retries too)
+takes one token from its key's bucket: ``rate`` tokens per second, at most
+``burst`` at once, on the event loop's clock. A caller that finds no token, or
+other callers already waiting, joins the key's queue: waiters leave strictly
+first come, first served, and no departure time is fixed in advance, so a
+waiter that is cancelled (or gives up) hands its place to the ones behind it.
+Only the head of the queue sleeps, until its token is due.
+
+``quotas`` adds ``limits`` moving windows (``"200/minute;5000/day"``): once it
+has its token, a request goes only if every window has room for it, counting the
+key's requests still in flight, and takes its slot when its attempt ends, so a
+window of server arrivals is never exceeded (see :mod:`resilient._quota`). Else it
+stays at the head of the queue until the windows' reset time, or until an
+in-flight request of the key ends (then it looks again).
+
+A wait that would end past what the caller may wait (:func:`resilient.deadline`,
+aiohttp's ``ClientTimeout.total``) is not started: :class:`~resilient.DeadlineExceeded`.
+``adaptive=True`` lowers a key's rate on 429s and restores it on successes
+(AIMD, see :mod:`resilient._adaptive`).
+"""
+
 from __future__ import annotations
-from typing import Any
+
+import asyncio
+import math
+from collections import deque
+from typing import ClassVar
+
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+
+from . import _clock
+from ._adaptive import DEFAULT_MIN_RATE_DIVISOR, decreased, increased
+from ._bucket import TokenBucket
+from ._deadline import allowance
+from ._errors import DeadlineExceeded
+from ._keys import KeyFunc, by_host
+from ._log import log_wait
 from ._policy import Policy
+from ._quota import MEMORY_STORAGE, Quotas, storage_scheme
+from ._state import DEFAULT_MAX_KEYS, KeyedState
+
+__all__ = ["DEFAULT_BURST", "DEFAULT_STORAGE", "MAX_RATE", "Throttle"]
+
+DEFAULT_BURST = 1
+"""Tokens a key may spend at once (1: requests are evenly spaced)."""
+DEFAULT_STORAGE = MEMORY_STORAGE
+"""Where quota windows live: in this process."""
+MAX_RATE = 1e9
+"""Largest accepted ``rate`` (tokens per second)."""
+
+_KIND = "throttle"
+
+
+class _Key(TokenBucket):
+    """One key's bucket, its queue of waiters (the head first), its count of rate cuts,
+    and, with quotas, its requests in flight and the head's wake-up call for when one ends."""
+
+    __slots__ = ("cuts", "flying", "landed", "waiters")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        super().__init__(rate, burst, now)
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.cuts = 0
+        self.flying = 0
+        self.landed: asyncio.Future[None] | None = None
+
+
+def _leave(state: _Key, fut: asyncio.Future[None]) -> None:
+    """Take ``fut`` out of the queue; if it was the head, wake the next one."""
+    waiters = state.waiters
+    if waiters[0] is fut:
+        waiters.popleft()
+        if waiters and not waiters[0].done():
+            waiters[0].set_result(None)
+    else:
+        waiters.remove(fut)
+
+
+def _number(name: str, value: object, low: float, high: float) -> float:
+    """``value`` as a float in ``(low, high]``, else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise ValueError(f"Throttle: {name} must be a number in ({low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Throttle: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
 class Throttle(Policy):
-    kind = "throttle"
-    order = 40
-    def __init__(self, rate: float, **kwargs: Any) -> None: ...
+    """A token bucket per key (see the module docstring).
+
+    ``rate``: tokens per second, in (0, 1e9]. ``burst``: bucket size, an int >= 1.
+    ``quotas``: limits' notation (``"200/minute;5000/day"``) or None.
+    ``key``: request -> key (default ``by_host``). ``storage``: ``"memory://"``.
+    ``adaptive``: cut the rate on 429s, restore it on successes; ``min_rate``: its
+    floor, in (0, rate] (default ``rate / 20``). ``max_keys``: keys remembered at once.
+    """
+
+    kind: ClassVar[str] = _KIND
+    order: ClassVar[int] = 40
+
+    __slots__ = (
+        "_adaptive",
+        "_burst",
+        "_key",
+        "_min_rate",
+        "_quotas",
+        "_rate",
+        "_scheme",
+        "_states",
+    )
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: int = DEFAULT_BURST,
+        quotas: str | None = None,
+        key: KeyFunc = by_host,
+        storage: str = DEFAULT_STORAGE,
+        adaptive: bool = False,
+        min_rate: float | None = None,
+        max_keys: int = DEFAULT_MAX_KEYS,
+    ) -> None:
+        self._rate = _number("rate", rate, 0.0, MAX_RATE)
+        self._burst = _count("burst", burst)
+        floor = self._rate / DEFAULT_MIN_RATE_DIVISOR if min_rate is None else min_rate
+        self._min_rate = _number("min_rate", floor, 0.0, self._rate)
+        if not isinstance(adaptive, bool):
+            raise ValueError(f"Throttle: adaptive must be True or False, got {adaptive!r}")
+        self._adaptive = adaptive
+        if not callable(key):
+            raise ValueError(
+                f"Throttle: key must be a callable (request) -> str, got {type(key).__name__}"
+            )
+        self._key = key
+        self._scheme = storage_scheme(storage)
+        self._quotas = None if quotas is None else Quotas(quotas, storage)
+        self._states: KeyedState[_Key] = KeyedState(
+            lambda _key: _Key(self._rate, self._burst, _clock.now()),
+            self._idle,
+            _count("max_keys", max_keys),
+        )
+
+    def _idle(self, state: _Key) -> bool:
+        """Nothing to remember: no waiters, none in flight, a full bucket, the configured rate."""
+        return (
+            not state.waiters
+            and not state.flying
+            and state.rate >= self._rate
+            and state.full(_clock.now())
+        )
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> int:
+        return self._burst
+
+    def current_rate(self, key: str) -> float:
+        """``key``'s rate now (below ``rate`` after 429s when adaptive)."""
+        state = self._states.get(key)
+        return self._rate if state is None else state.rate
+
+    def waiting(self, key: str) -> int:
+        """Callers queued for ``key``'s next tokens."""
+        state = self._states.get(key)
+        return 0 if state is None else len(state.waiters)
+
+    def __repr__(self) -> str:
+        quotas = "" if self._quotas is None else f", quotas={self._quotas.text!r}"
+        adaptive = f", adaptive=True, min_rate={self._min_rate!r}" if self._adaptive else ""
+        return (
+            f"Throttle(rate={self._rate!r}, burst={self._burst!r}{quotas},"
+            f" key={getattr(self._key, '__name__', 'key')}, storage='{self._scheme}://'"
+            f"{adaptive})"
+        )
+
+    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        key = self._key(request)
+        state = self._states.get_or_create(key)
+        now = _clock.now()
+        quotas = self._quotas
+        if (
+            state.waiters
+            or state.take(now)
+            or (quotas is not None and not await _first_slot(quotas, key, state))
+        ):
+            await self._wait(request, key, state, now)
+        if quotas is not None:
+            return await self._counted(request, handler, key, state, quotas)
+        if not self._adaptive:
+            return await handler(request)
+        cuts = state.cuts
+        resp = await handler(request)
+        self._adapt(state, cuts, resp.status)
+        return resp
+
+    async def _counted(
+        self,
+        request: ClientRequest,
+        handler: ClientHandlerType,
+        key: str,
+        state: _Key,
+        quotas: Quotas,
+    ) -> ClientResponse:
+        """Send a request counted in flight; when the attempt ends (whatever the outcome:
+        it may have reached the server), take its slot in every window, then let the
+        head of the queue look again."""
+        try:
+            cuts = state.cuts
+            resp = await handler(request)
+            if self._adaptive:
+                self._adapt(state, cuts, resp.status)
+            return resp
+        finally:
+            try:
+                await quotas.record(key)
+            finally:
+                _land(state)
+
+    def _adapt(self, state: _Key, cuts: int, status: int) -> None:
+        """AIMD: a 429 cuts the rate (once per round of in-flight requests), others add."""
+        if status == 429:
+            if cuts == state.cuts:
+                state.rate = decreased(state.rate, self._min_rate)
+                state.cuts += 1
+        elif state.rate < self._rate:
+            state.rate = increased(state.rate, self._rate)
+
+    async def _wait(self, request: ClientRequest, key: str, state: _Key, started: float) -> None:
+        """The slow path: queue behind the waiters of ``key`` and leave with a token.
+
+        The wait is estimated at the current rate: one token for each waiter ahead
+        and one for us, ``(ahead + 1 − tokens) / rate``.
+        """
+        ahead = len(state.waiters)
+        wait = (ahead + 1 - state.refill(started)) / state.rate
+        allowed = _allowed(request, started, key, wait, "rate limit")
+        if wait > 0.0:
+            log_wait(_KIND, "rate limit", key, wait)
+        fut = asyncio.get_running_loop().create_future()
+        state.waiters.append(fut)
+        try:
+            if state.waiters[0] is not fut:
+                await _turn(fut, key, allowed)
+            await self._head(request, key, state, started)
+        finally:
+            _leave(state, fut)
+
+    async def _head(self, request: ClientRequest, key: str, state: _Key, started: float) -> None:
+        """At the head of the queue: sleep until the token (and a slot in every quota) is due.
+
+        Only the head takes tokens while there are waiters, so a token it saw stays there.
+        """
+        quotas = self._quotas
+        while True:
+            now = _clock.now()
+            delay = state.delay(now)
+            if delay > 0.0:
+                _allowed(request, started, key, delay, "rate limit")
+                await _clock.sleep(delay)
+                continue
+            if quotas is None:
+                state.take(now)
+                return
+            delay, reason = await _board(quotas, key, state)
+            if not delay:
+                state.take(_clock.now())
+                return
+            _allowed(request, started, key, delay, reason)
+            log_wait(_KIND, reason, key, delay)
+            await _sleep_or_landing(state, delay)
+
+
+async def _board(quotas: Quotas, key: str, state: _Key) -> tuple[float, str]:
+    """Count one more request of ``key`` in flight if every window has room: ``(0.0, "")``;
+    else count nothing and return the wait and the full window (:meth:`Quotas.room`).
+
+    The request is counted before the windows are read, so callers reading them at the
+    same time (a storage that yields) count each other: fewer sends, never more.
+    """
+    state.flying += 1
+    try:
+        wait = await quotas.room(key, state.flying - 1)
+    except BaseException:
+        state.flying -= 1
+        raise
+    if wait[0]:
+        state.flying -= 1
+    return wait
+
+
+async def _first_slot(quotas: Quotas, key: str, state: _Key) -> bool:
+    """The no-wait path with quotas, holding a token: room in every window, or the token back."""
+    try:
+        if not (await _board(quotas, key, state))[0]:
+            return True
+    except BaseException:
+        state.give_back()
+        raise
+    state.give_back()
+    return False
+
+
+def _land(state: _Key) -> None:
+    """A request of ``state`` is no longer in flight: wake the head if it waits for that."""
+    state.flying -= 1
+    landed = state.landed
+    if landed is not None and not landed.done():
+        landed.set_result(None)
+
+
+async def _sleep_or_landing(state: _Key, delay: float) -> None:
+    """Sleep ``delay`` seconds, or less if a request of ``state`` lands first."""
+    loop = asyncio.get_running_loop()
+    landed = state.landed = loop.create_future()
+    timer = loop.call_later(delay, _settle, landed)
+    try:
+        await landed
+    finally:
+        timer.cancel()
+        state.landed = None
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _allowed(request: ClientRequest, started: float, key: str, wait: float, reason: str) -> float:
+    """The caller's allowance, or DeadlineExceeded if ``wait`` is beyond it."""
+    allowed = allowance(request, started)
+    if wait > allowed:
+        raise DeadlineExceeded(
+            f"throttle: {reason} on {key} for {wait:.3f}s, beyond the {allowed:.3f}s"
+            " the caller may wait"
+        )
+    return allowed
+
+
+async def _turn(fut: asyncio.Future[None], key: str, allowed: float) -> None:
+    """Wait until ``fut`` (our place in the queue) reaches the head, at most ``allowed`` s."""
+    if allowed == math.inf:
+        await fut
+        return
+    try:
+        async with asyncio.timeout(allowed):
+            await fut
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"throttle: still queued for {key} after the {allowed:.3f}s the caller may wait"
+        ) from None
