@@ -60,6 +60,12 @@ def _check(owner: str, base: float, cap: float) -> tuple[float, float]:
         raise ValueError(f"{owner}: cap must be a finite number >= base ({base!r}), got {cap!r}")
     return float(base), float(cap)
 
+def capped_doubling(base: float, cap: float, exponent: int) -> float:
+    """``min(cap, base·2^exponent)`` for ``exponent >= 0`` (negative counts as 0);
+    no overflow for any exponent."""
+    return min(cap, base * 2.0 ** min(max(exponent, 0), 1023))
+
+
 
 @dataclass(frozen=True, slots=True)
 class FullJitter:
@@ -78,11 +84,7 @@ class FullJitter:
         object.__setattr__(self, "cap", cap)
 
     def __call__(self, attempt: int) -> float:
-        try:
-            ceiling = min(self.cap, self.base * 2.0 ** max(attempt - 1, 0))
-        except OverflowError:  # 2.0 ** n beyond the float range
-            ceiling = self.cap
-        return random.uniform(0.0, ceiling)
+        return random.uniform(0.0, capped_doubling(self.base, self.cap, attempt - 1))
 
     def per_call(self) -> Backoff:
         return self

@@ -20,6 +20,7 @@ from typing import ClassVar
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from . import _clock
+from ._backoff import capped_doubling
 from ._deadline import allowance
 from ._errors import RateLimited
 from ._headers import retry_hint
@@ -27,6 +28,7 @@ from ._keys import KeyFunc, by_host
 from ._log import log_wait, logger
 from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
 from ._policy import Policy
+from ._replay import body_replayable
 from ._state import DEFAULT_MAX_KEYS, KeyedState
 
 __all__ = [
@@ -51,11 +53,6 @@ MEMORY_STORAGE = "memory://"
 _KIND = "rate_limit_backoff"
 
 
-def _doubling(base: float, cap: float, exponent: int) -> float:
-    """``min(cap, base·2^exponent)``; no overflow for any exponent >= 0."""
-    return min(cap, base * 2.0 ** min(exponent, 1023))
-
-
 def backoff_delay(server: float | None, strikes: int, *, base: float, cap: float) -> float:
     """Seconds to pause after the ``strikes``-th 429 (``n``, from 1) of one call.
 
@@ -66,16 +63,10 @@ def backoff_delay(server: float | None, strikes: int, *, base: float, cap: float
     time and ``Retry-After: 0`` repeated backs off base, 2·base, 4·base, ... cap.
     """
     if server is None:
-        return random.uniform(0.0, _doubling(base, cap, strikes - 1))
+        return random.uniform(0.0, capped_doubling(base, cap, strikes - 1))
     if strikes <= 1:
         return server
-    return max(server, _doubling(base, cap, strikes - 2))
-
-
-def _replayable(request: ClientRequest) -> bool:
-    """The body can be sent again (bytes, or a payload that was not consumed)."""
-    body = request.body
-    return isinstance(body, bytes) or not body.consumed
+    return max(server, capped_doubling(base, cap, strikes - 2))
 
 
 def _number(name: str, value: object, low: float, high: float, *, low_open: bool) -> float:
@@ -190,7 +181,7 @@ class RateLimitBackoff(Policy):
                 delay = backoff_delay(server, strikes, base=self._base, cap=self._cap)
                 wait = max(delay, gate.pause(delay, probe=probe))
                 probe = False
-                if now + wait > latest or not _replayable(request):
+                if now + wait > latest or not body_replayable(request):
                     return resp
                 resp.release()
                 log_wait(_KIND, _reason(hint, delay), key, wait)

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
-from aiohttp.payload import Payload
 
 from . import _clock, _deadline, _log
 from ._backoff import Backoff, BackoffLike, DecorrelatedJitter, FullJitter, per_call_factory
@@ -20,6 +19,7 @@ from ._errors import BodyNotReplayable, DeadlineExceeded, ResilienceError
 from ._headers import parse_retry_after
 from ._keys import by_host
 from ._policy import Policy
+from ._replay import body_replayable
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -77,12 +77,6 @@ def failure_reason(request: ClientRequest, exc: BaseException) -> str | None:
     if isinstance(exc, _NOT_SENT) or (isinstance(exc, _TRANSIENT) and is_idempotent(request)):
         return type(exc).__name__
     return None
-
-
-def body_replayable(request: ClientRequest) -> bool:
-    """False when the body was a one-shot stream (async generator, pipe) already read."""
-    body = request.body
-    return not (isinstance(body, Payload) and body.consumed)
 
 
 def _statuses(value: Iterable[int]) -> frozenset[int]:
