@@ -19,11 +19,15 @@ from ._errors import (
     DeadlineExceeded,
     RateLimited,
     ResilienceError,
+    StorageError,
 )
+from ._events import Event, add_hook
 from ._keys import KeyFunc, by_host
+from ._otel import instrument_opentelemetry
 from ._policy import Policy
 from ._ratelimit import RateLimitBackoff
 from ._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
+from ._stats import CircuitStats, PauseStats, RetryStats, ThrottleStats
 from ._throttle import Throttle
 
 __version__ = "0.1.0"
@@ -33,20 +37,28 @@ __all__ = [
     "BodyNotReplayable",
     "CircuitBreaker",
     "CircuitOpenError",
+    "CircuitStats",
     "DeadlineExceeded",
     "DecorrelatedJitter",
+    "Event",
     "FullJitter",
     "KeyFunc",
+    "PauseStats",
     "Policy",
     "RateLimitBackoff",
     "RateLimited",
     "ResilienceError",
     "Retry",
     "RetryBudget",
+    "RetryStats",
+    "StorageError",
     "Throttle",
+    "ThrottleStats",
     "__version__",
+    "add_hook",
     "by_host",
     "chain",
     "deadline",
+    "instrument_opentelemetry",
     "session",
 ]

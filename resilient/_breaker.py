@@ -25,13 +25,15 @@ from typing import TypeGuard
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock
+from . import _clock, _events, _metrics
 from ._errors import CircuitOpenError, ResilienceError
 from ._keys import KeyFunc, by_host
 from ._log import human_duration, logger
 from ._policy import Policy
 from ._state import DEFAULT_MAX_KEYS, KeyedState
+from ._stats import CircuitStats
 from ._window import Window
+from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
 
 __all__ = [
     "BUCKETS",
@@ -60,6 +62,7 @@ BUCKETS = 10
 """Buckets in the window: it spans between 0.9 × and 1 × ``window`` seconds."""
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+_KIND = "circuit_breaker"
 _STATE_NAMES = ("closed", "open", "half_open")
 
 
@@ -109,10 +112,14 @@ class _Circuit(Window):
         self.admitted = 0
         self.successes = 0
 
-    def admit(self, now: float) -> None:
+    def admit(self, now: float, request: ClientRequest | None = None) -> None:
         """Let one probe through (the circuit is not closed), or raise ``CircuitOpenError``."""
         if self.state == OPEN or self.admitted >= self.settings.half_open_probes:
             if now < self.until:
+                _events.emit(
+                    "circuit_rejected", _KIND, self.key, request,
+                    delay=self.until - now, reason=_STATE_NAMES[self.state],
+                )  # fmt: skip
                 raise CircuitOpenError(self.key, self.until - now)
             self._half_open(overdue=self.state == HALF_OPEN)
         self.admitted += 1
@@ -167,6 +174,8 @@ class _Circuit(Window):
                 human_duration(open_for),
                 _clock.wall_after(open_for).isoformat(timespec="seconds"),
             )
+        reason = f"{fails} of {calls} calls failed" if calls else "a probe failed"
+        _events.emit("circuit_opened", _KIND, self.key, delay=self.settings.open_for, reason=reason)
 
     def _half_open(self, *, overdue: bool) -> None:
         self.state = HALF_OPEN
@@ -179,6 +188,8 @@ class _Circuit(Window):
                 " again (the probes in flight are overdue)" if overdue else "",
                 self.settings.half_open_probes,
             )
+        reason = "probes overdue" if overdue else "open_for elapsed"
+        _events.emit("circuit_half_open", _KIND, self.key, reason=reason)
 
     def _close(self) -> None:
         self.state = CLOSED
@@ -191,6 +202,7 @@ class _Circuit(Window):
                 self.key,
                 self.settings.half_open_probes,
             )
+        _events.emit("circuit_closed", _KIND, self.key, reason="probes succeeded")
 
 
 class CircuitBreaker(Policy):
@@ -212,7 +224,10 @@ class CircuitBreaker(Policy):
     - ``key`` (default :func:`by_host`): one circuit per key. ``max_keys`` (default
       10 000) bounds the map: when full, closed circuits (their counts are soft state)
       and circuits whose open time is up are evicted oldest first.
-    - ``storage``: only ``"memory://"`` for now.
+    - ``storage``: ``"memory://"`` (default), or a Redis URI: one circuit per key for
+      every process (see :mod:`resilient.storage._breaker`; two round trips a request).
+      ``on_storage_error``: ``"raise"`` (``StorageError``, nothing sent) or ``"allow"``
+      (an in-memory breaker of this process decides while Redis fails).
 
     Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
     successes. Cancellation is not an outcome (it frees a probe slot); note that
@@ -220,7 +235,16 @@ class CircuitBreaker(Policy):
     finite ``sock_read``/``sock_connect`` timeouts (as ``resilient.session()`` sets).
     """
 
-    __slots__ = ("_circuits", "_get", "_key", "_max_keys", "_settings", "_storage", "_window")
+    __slots__ = (
+        "_circuits",
+        "_get",
+        "_key",
+        "_max_keys",
+        "_settings",
+        "_shared",
+        "_storage",
+        "_window",
+    )
 
     kind = "circuit_breaker"
     order = 20
@@ -236,6 +260,7 @@ class CircuitBreaker(Policy):
         key: KeyFunc = by_host,
         storage: str = DEFAULT_STORAGE,
         max_keys: int = DEFAULT_MAX_KEYS,
+        on_storage_error: OnStorageError = "raise",
     ) -> None:
         if not _real(failure_ratio) or not 0.0 < failure_ratio <= 1.0:
             raise ValueError(
@@ -250,7 +275,8 @@ class CircuitBreaker(Policy):
             raise ValueError(
                 f"CircuitBreaker: key must be a callable (request) -> str, got {key!r}"
             )
-        _check_storage(storage)
+        storage = check("CircuitBreaker", storage)
+        on_error = check_on_storage_error("CircuitBreaker", on_storage_error)
         self._settings = settings = _Settings(
             float(failure_ratio), min_calls, float(open_for), half_open_probes, window / BUCKETS
         )
@@ -262,13 +288,35 @@ class CircuitBreaker(Policy):
             _factory(settings), _Circuit.is_idle, max_keys
         )
         self._get = self._circuits.get
+        self._shared = None
+        if is_shared(storage):
+            from .storage._breaker import SharedCircuits
+            from .storage._redis import RedisStore
+
+            fallback = CircuitBreaker(
+                failure_ratio=failure_ratio,
+                min_calls=min_calls,
+                window=window,
+                open_for=open_for,
+                half_open_probes=half_open_probes,
+                key=key,
+                max_keys=max_keys,
+            )
+            shared = (settings.failure_ratio, min_calls, settings.open_for, half_open_probes)
+            self._shared = SharedCircuits(
+                RedisStore(storage), (*shared, settings.width, BUCKETS), fallback, on_error
+            )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
+        if _metrics.recorder is not None and _metrics.outside(self):
+            return await _metrics.counted(self, key, request, handler)
+        if self._shared is not None:
+            return await self._shared.call(key, request, handler)
         circuit = self._get(key) or self._circuits.get_or_create(key)
         probe = circuit.state != CLOSED
         if probe:
-            circuit.admit(_clock.now_for(request))  # raises CircuitOpenError while open
+            circuit.admit(_clock.now_for(request), request)  # CircuitOpenError while open
         epoch = circuit.epoch
         try:
             resp = await handler(request)
@@ -280,6 +328,11 @@ class CircuitBreaker(Policy):
             raise
         circuit.record(_clock.now_for(request), resp.status >= 500, epoch, probe)
         return resp
+
+    def stats(self) -> dict[str, CircuitStats]:
+        """A snapshot of every key's circuit (call it inside the event loop)."""
+        now = _clock.now()
+        return {key: _snapshot(circuit, now) for key, circuit in self._circuits.items()}
 
     def state(self, key: str) -> str:
         """``"closed"``, ``"open"`` or ``"half_open"`` (open past ``open_for`` reads
@@ -330,8 +383,28 @@ class CircuitBreaker(Policy):
             f"CircuitBreaker(failure_ratio={s.failure_ratio!r}, min_calls={s.min_calls},"
             f" window={self._window!r}, open_for={s.open_for!r},"
             f" half_open_probes={s.half_open_probes}, key={key},"
-            f" storage={self._storage!r}, max_keys={self._max_keys})"
+            f" storage={redact(self._storage)!r}, max_keys={self._max_keys})"
         )
+
+
+def _snapshot(circuit: _Circuit, now: float) -> CircuitStats:
+    """``circuit`` at ``now``: open past ``until`` reads half-open, as in ``state()``."""
+    state = circuit.state
+    if state == OPEN and circuit.until <= now:
+        state = HALF_OPEN
+    circuit.advance(now)  # slide the window to now (what the next outcome would do)
+    calls, fails = circuit.calls, circuit.fails
+    retry_after = circuit.until - now if state == OPEN else 0.0
+    return CircuitStats(
+        key=circuit.key,
+        state=_STATE_NAMES[state],
+        calls=calls,
+        failures=fails,
+        failure_ratio=fails / calls if calls else 0.0,
+        retry_after=retry_after,
+        open_until=_clock.wall_after(retry_after) if state == OPEN else None,
+        probes=max(circuit.admitted, 0) if circuit.state == HALF_OPEN else 0,
+    )
 
 
 def _factory(settings: _Settings) -> Callable[[str], _Circuit]:
@@ -356,14 +429,3 @@ def _positive_seconds(name: str, value: object) -> None:
         raise ValueError(
             f"CircuitBreaker: {name} must be a finite number of seconds > 0, got {value!r}"
         )
-
-
-def _check_storage(storage: object) -> None:
-    """Only ``"memory://"`` for now; the message shows the scheme only (URIs hold passwords)."""
-    if storage == DEFAULT_STORAGE:
-        return
-    shown = f"a {storage.partition(':')[0]!r} URI" if isinstance(storage, str) else repr(storage)
-    raise ValueError(
-        f"CircuitBreaker: storage must be {DEFAULT_STORAGE!r}, got {shown}; shared"
-        " (Redis) breaker state is coming in a later release"
-    )

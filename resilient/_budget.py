@@ -113,6 +113,15 @@ class Balance:
         self._retries_now += 1
         return True
 
+    def totals(self, now: float) -> tuple[int, int, float]:
+        """``(first attempts, retries, retries left)`` in the window at ``now``;
+        left = max(0, ratio × firsts + reserve − retries)."""
+        if not self._tick <= now < self._end:
+            self._advance(now)
+        firsts = self._past_firsts + self._firsts_now
+        retries = self._past_retries + self._retries_now
+        return firsts, retries, max(0.0, self._ratio * firsts + self._reserve - retries)
+
     def _advance(self, now: float) -> None:
         """Close the current bucket and open the one holding ``now``."""
         tick = math.floor(now)

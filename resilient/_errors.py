@@ -11,6 +11,7 @@ __all__ = [
     "DeadlineExceeded",
     "RateLimited",
     "ResilienceError",
+    "StorageError",
 ]
 
 
@@ -54,3 +55,19 @@ class RateLimited(ResilienceError):
 
 class BodyNotReplayable(ResilienceError):
     """A retry is needed but the request body (e.g. an async generator) was consumed."""
+
+
+class StorageError(ResilienceError):
+    """Shared state (Redis) could not be read or written in time; the request was not sent.
+
+    ``storage`` is the storage URI without credentials or query (scheme, host, port, db);
+    ``reason`` the failure's type (``ConnectionError``, ``TimeoutError``, ...).
+    """
+
+    def __init__(self, storage: str, reason: str) -> None:
+        self.storage = storage
+        self.reason = reason
+        super().__init__(f"storage {storage} failed ({reason})")
+
+    def __reduce__(self) -> tuple[type[StorageError], tuple[str, str]]:
+        return (type(self), (self.storage, self.reason))

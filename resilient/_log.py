@@ -7,6 +7,7 @@ in ISO 8601. They never contain request headers or query strings.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from . import _clock
 
@@ -34,11 +35,14 @@ def human_duration(seconds: float) -> str:
     return " ".join(parts)
 
 
-def log_wait(policy: str, reason: str, key: str, delay: float) -> None:
-    """Log a wait of ``delay`` seconds: INFO from one second up, DEBUG below."""
+def log_wait(
+    policy: str, reason: str, key: str, delay: float, until: datetime | None = None
+) -> None:
+    """Log a wait of ``delay`` seconds ending at ``until`` (UTC; default now + ``delay``):
+    INFO from one second up, DEBUG below."""
     level = logging.INFO if delay >= LOG_WAIT_THRESHOLD else logging.DEBUG
     if logger.isEnabledFor(level):
-        until = _clock.wall_after(delay).isoformat(timespec="seconds")
+        end = _clock.wall_after(delay) if until is None else until
         logger.log(
             level,
             "%s: %s on %s; waiting %s until %s",
@@ -46,5 +50,5 @@ def log_wait(policy: str, reason: str, key: str, delay: float) -> None:
             reason,
             key,
             human_duration(delay),
-            until,
+            end.isoformat(timespec="seconds"),
         )

@@ -32,6 +32,10 @@ infinite retry time still makes every caller give up at once (it exceeds any wai
 
 _EPSILON = 1e-3
 """A caller with less than this many seconds left of its limit stops waiting."""
+DUE_SLACK = 1e-6
+"""Seconds: a pause ending this soon counts as ended. asyncio fires a timer up to a clock
+tick early, and a loop clock with a coarse tick (``looptime``) may stop just short of a
+float ``until``; without the slack the head would re-arm a zero-length timer forever."""
 
 
 class PauseTooLong(Exception):
@@ -146,7 +150,7 @@ class PauseGate:
             while self.closed:
                 now = _clock.now()
                 head = self._waiters[0] is waiter and not self.probing
-                if head and self.until <= now:
+                if head and self.until <= now + DUE_SLACK:
                     self.probing = True
                     return True
                 if self.until > latest or hard - now < _EPSILON:

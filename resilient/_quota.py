@@ -22,10 +22,9 @@ full of requests still in flight frees nothing before ``expiry`` seconds from no
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from . import _clock
@@ -36,7 +35,6 @@ __all__ = [
     "NAMESPACE",
     "Quotas",
     "parse_quotas",
-    "storage_scheme",
 ]
 
 MEMORY_STORAGE = "memory://"
@@ -46,25 +44,6 @@ MIN_QUOTA_WAIT = 0.001
 """Seconds: the shortest wait for a full window (no hot loop on a skewed clock)."""
 
 _ZERO_SPAN = re.compile(r"(?:/|\bper)\s*0+\s*[a-z]", re.IGNORECASE)
-
-StorageFactory = Callable[[str], Storage]
-
-_STORAGES: dict[str, StorageFactory] = {
-    "memory": lambda _uri: MemoryStorage(),
-}
-"""URI scheme -> async ``limits`` storage. Shared storages (``redis://``) plug in here."""
-
-
-def storage_scheme(uri: object) -> str:
-    """The scheme of a supported storage URI, else ValueError (naming only the scheme)."""
-    scheme = uri.split("://", 1)[0] if isinstance(uri, str) and "://" in uri else None
-    if scheme not in _STORAGES:
-        shown = f"a {scheme!r} URI" if scheme else repr(type(uri).__name__)
-        raise ValueError(
-            f"Throttle: storage must be one of {sorted(s + '://' for s in _STORAGES)}, got {shown}"
-        )
-    return scheme
-
 
 def parse_quotas(text: object) -> tuple[RateLimitItem, ...]:
     """``"200/minute;5000/day"`` -> limits items, else ValueError naming ``quotas``.
@@ -88,14 +67,15 @@ def parse_quotas(text: object) -> tuple[RateLimitItem, ...]:
 
 
 class Quotas:
-    """The windows of one :class:`~resilient.Throttle`, per key, on one ``limits`` storage."""
+    """The windows of one :class:`~resilient.Throttle`, per key, in this process's memory
+    (shared windows: :class:`resilient.storage._quota.SharedQuotas`)."""
 
     __slots__ = ("_items", "_limiter", "text")
 
-    def __init__(self, text: str, storage: str) -> None:
+    def __init__(self, text: str) -> None:
         self._items = parse_quotas(text)
         self.text = text
-        self._limiter = MovingWindowRateLimiter(_STORAGES[storage_scheme(storage)](storage))
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     async def room(self, key: str, in_flight: int) -> tuple[float, str]:
         """``(0.0, "")`` if every window of ``key`` has room for one more request, else the

@@ -19,17 +19,20 @@ from typing import ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock
+from . import _clock, _events, _metrics
 from ._backoff import capped_doubling
 from ._deadline import allowance
 from ._errors import RateLimited
 from ._headers import retry_hint
 from ._keys import KeyFunc, by_host
-from ._log import log_wait, logger
+from ._log import logger
 from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
 from ._policy import Policy
 from ._replay import body_replayable
 from ._state import DEFAULT_MAX_KEYS, KeyedState
+from ._stats import PauseStats
+from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
+from .storage._pause import PROBE_POLL, SharedPause
 
 __all__ = [
     "DEFAULT_BASE",
@@ -51,6 +54,7 @@ DEFAULT_CAP = 300.0
 MEMORY_STORAGE = "memory://"
 
 _KIND = "rate_limit_backoff"
+_GIVES_UP = " (the pause ends beyond what this caller may wait: its 429 is returned)"
 
 
 def backoff_delay(server: float | None, strikes: int, *, base: float, cap: float) -> float:
@@ -91,7 +95,9 @@ class RateLimitBackoff(Policy):
 
     ``max_wait``: seconds a call may wait for 429s in total, in (0, 7 days].
     ``key``: request -> key (default ``by_host``); the pause is per key.
-    ``storage``: ``"memory://"`` (shared storage comes later).
+    ``storage``: ``"memory://"``, or a Redis URI: the pause and its probe are shared
+    by every process (see :mod:`resilient.storage._pause`).
+    ``on_storage_error``: ``"raise"`` (StorageError) or ``"allow"`` (this process's pause).
     ``base``, ``cap``: the backoff without a retry time (see :func:`backoff_delay`).
     ``max_keys``: keys remembered at once (idle keys are evicted).
     """
@@ -99,7 +105,7 @@ class RateLimitBackoff(Policy):
     kind: ClassVar[str] = _KIND
     order: ClassVar[int] = 30
 
-    __slots__ = ("_base", "_cap", "_gates", "_key", "_max_wait")
+    __slots__ = ("_base", "_cap", "_gates", "_key", "_max_wait", "_shared", "_storage")
 
     def __init__(
         self,
@@ -107,6 +113,7 @@ class RateLimitBackoff(Policy):
         max_wait: float = DEFAULT_MAX_WAIT,
         key: KeyFunc = by_host,
         storage: str = MEMORY_STORAGE,
+        on_storage_error: OnStorageError = "raise",
         base: float = DEFAULT_BASE,
         cap: float = DEFAULT_CAP,
         max_keys: int = DEFAULT_MAX_KEYS,
@@ -119,12 +126,9 @@ class RateLimitBackoff(Policy):
                 f"RateLimitBackoff: key must be a callable (request) -> str,"
                 f" got {type(key).__name__}"
             )
-        if storage != MEMORY_STORAGE:
-            scheme = str(storage).split(":", 1)[0]  # never echo a URI: it may hold a password
-            raise ValueError(
-                f"RateLimitBackoff: storage must be {MEMORY_STORAGE!r} (shared storage is"
-                f" not supported yet), got a {scheme!r} URI"
-            )
+        self._storage = check("RateLimitBackoff", storage)
+        on_error = check_on_storage_error("RateLimitBackoff", on_storage_error)
+        self._shared = _shared(self._storage, on_error)
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"RateLimitBackoff: max_keys must be an int >= 1, got {max_keys!r}")
         self._key = key
@@ -141,23 +145,55 @@ class RateLimitBackoff(Policy):
         gate = self._gates.get(key)
         return 0.0 if gate is None else gate.remaining()
 
+    def stats(self) -> dict[str, PauseStats]:
+        """A snapshot of every key's pause in this process (call it inside the event loop)."""
+        return {key: _snapshot(key, gate) for key, gate in self._gates.items()}
+
     def __repr__(self) -> str:
         return (
             f"RateLimitBackoff(max_wait={self._max_wait!r}, base={self._base!r},"
-            f" cap={self._cap!r}, key={getattr(self._key, '__name__', 'key')})"
+            f" cap={self._cap!r}, key={getattr(self._key, '__name__', 'key')},"
+            f" storage={redact(self._storage)!r})"
         )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
+        if _metrics.recorder is not None and _metrics.outside(self):
+            return await _metrics.counted(self, key, request, handler)
         gate = self._gates.get(key)
         # Our entry time bounds waits by aiohttp's total timeout; without one it is unused.
         started = _clock.now_for(request) if request.session.timeout.total else 0.0
+        if self._shared is not None and (gate is None or not gate.closed):
+            gate = await self._adopt(key, gate)
         if gate is None or not gate.closed:
             resp = await handler(request)
             if resp.status != 429:
                 return resp
             return await self._backoff(request, handler, key, started, resp)
         return await self._backoff(request, handler, key, started, None)
+
+    async def _adopt(self, key: str, gate: PauseGate | None) -> PauseGate | None:
+        """Close ``key``'s local gate if another process paused it (one round trip)."""
+        assert self._shared is not None
+        left = await self._shared.check(key)
+        if left is None:
+            return gate
+        gate = self._gates.get_or_create(key)
+        gate.pause(left, probe=False)
+        return gate
+
+    async def _claim(self, key: str, gate: PauseGate) -> bool | None:
+        """Our local probe asks Redis: True (we probe), False (the pause is over: the
+        gate opens), None (wait again: the pause grew, or another process probes)."""
+        assert self._shared is not None
+        verdict, seconds = await self._shared.claim(key)
+        if verdict == "probe":
+            return True
+        if verdict == "open":
+            gate.open()
+            return False
+        gate.pause(seconds if verdict == "paused" else min(seconds, PROBE_POLL), probe=True)
+        return None
 
     async def _backoff(
         self,
@@ -168,7 +204,7 @@ class RateLimitBackoff(Policy):
         resp: ClientResponse | None,
     ) -> ClientResponse:
         """The slow path: ``resp`` is a 429, or None when the key was found paused."""
-        strikes, waited, probe = 0, 0.0, False
+        strikes, waited, probe, front = 0, 0.0, False, False
         while True:
             gate = self._gates.get_or_create(key)  # not evicted while we wait or probe
             now = _clock.now()
@@ -179,30 +215,70 @@ class RateLimitBackoff(Policy):
                 hint = retry_hint(resp.headers, now=_clock.wall())
                 server = None if hint is None else hint[0]
                 delay = backoff_delay(server, strikes, base=self._base, cap=self._cap)
+                if self._shared is not None:  # every process pauses: the end is Redis's
+                    delay = max(delay, await self._shared.pause(key, delay))
                 wait = max(delay, gate.pause(delay, probe=probe))
                 probe = False
-                if now + wait > latest or not body_replayable(request):
+                gives_up = now + wait > latest or not body_replayable(request)
+                _events.emit(
+                    "rate_limited", _KIND, key, request, attempt=strikes, delay=wait,
+                    status=429, reason=_reason(hint, delay) + (_GIVES_UP if gives_up else ""),
+                )  # fmt: skip
+                if gives_up:
                     return resp
                 resp.release()
-                log_wait(_KIND, _reason(hint, delay), key, wait)
             elif gate.closed and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s: %s is paused for %.3fs", _KIND, key, gate.remaining())
             try:
-                probe = await gate.wait_turn(latest, hard, front=resp is not None)
+                with _metrics.waiting(_KIND, key, 429):
+                    probe = await gate.wait_turn(latest, hard, front=front or resp is not None)
             except PauseTooLong as exc:
                 raise RateLimited(key, exc.retry_after) from None
             finally:
                 waited += _clock.now() - now
+            front = False
+            if probe and self._shared is not None:
+                claimed = await self._claim(key, gate)
+                if claimed is None:  # another process probes, or paused again: wait again
+                    resp, front = None, True
+                    continue
+                probe = claimed
+            if probe:
+                _events.emit("pause_probe", _KIND, key, request, attempt=strikes)
             try:
                 resp = await handler(request)
             except BaseException:
                 if probe:
                     gate.probe_failed()
+                    if self._shared is not None:
+                        self._shared.release(key)
                 raise
             if resp.status != 429:
                 if probe:
                     gate.open()
+                    if self._shared is not None:
+                        await self._shared.open(key)
                 return resp
+
+
+def _shared(storage: str, on_error: OnStorageError) -> SharedPause | None:
+    if not is_shared(storage):
+        return None
+    from .storage._redis import RedisStore
+
+    return SharedPause(RedisStore(storage), on_error)
+
+
+def _snapshot(key: str, gate: PauseGate) -> PauseStats:
+    remaining = gate.remaining()
+    return PauseStats(
+        key=key,
+        paused=gate.closed,
+        remaining=remaining,
+        paused_until=_clock.wall_after(remaining) if gate.closed else None,
+        probing=gate.probing,
+        waiting=gate.waiting(),
+    )
 
 
 def _reason(hint: tuple[float, str] | None, delay: float) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock, _deadline, _log
+from . import _clock, _deadline, _events, _metrics
 from ._backoff import Backoff, BackoffLike, DecorrelatedJitter, FullJitter, per_call_factory
 from ._budget import Balance, RetryBudget
 from ._errors import BodyNotReplayable, DeadlineExceeded, ResilienceError
@@ -20,6 +20,7 @@ from ._headers import parse_retry_after
 from ._keys import by_host
 from ._policy import Policy
 from ._replay import body_replayable
+from ._stats import RetryStats
 
 __all__ = [
     "DEFAULT_ATTEMPTS",
@@ -188,7 +189,16 @@ class Retry(Policy):
             f" max_delay={self._max_delay!r})"
         )
 
+    def stats(self) -> RetryStats:
+        """The retry budget's window now (call it inside the event loop)."""
+        if self._balance is None:
+            return RetryStats(0, 0, None)
+        firsts, retries, left = self._balance.totals(_clock.now())
+        return RetryStats(firsts, retries, left)
+
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if _metrics.recorder is not None and _metrics.outside(self):
+            return await _metrics.counted(self, by_host(request), request, handler)
         started = _deadline.mark_start(request, _clock.now_for(request))
         balance = self._balance
         if balance is not None:
@@ -213,16 +223,20 @@ class Retry(Policy):
     ) -> ClientResponse:
         """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made."""
         backoff: Backoff | None = None  # per-call strategy state, built on the first retry
+        key, made, why = by_host(request), self._attempts, "attempts exhausted"
         for attempt in range(1, self._attempts):  # attempt = number of this retry
             reason = self._reason(request, resp, exc)
             if reason is None:
+                made, why = attempt, "not retryable"
                 break
             if backoff is None:
                 backoff = self._new_backoff()
             delay = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
             if delay is None:  # the server asks for more than max_delay
+                made, why = attempt, "server delay beyond max_delay"
                 break
             if delay > _deadline.allowance(request, started):
+                _gave_up(request, key, attempt, resp, "deadline")
                 if resp is None:
                     raise DeadlineExceeded(
                         f"retry: the next attempt ({delay:.3f}s away) would start after"
@@ -230,6 +244,7 @@ class Retry(Policy):
                     ) from exc
                 return resp
             if not body_replayable(request):
+                _gave_up(request, key, attempt, resp, "body not replayable")
                 if resp is not None:
                     resp.release()
                 raise BodyNotReplayable(
@@ -237,17 +252,24 @@ class Retry(Policy):
                     " one-shot stream that was already read"
                 ) from exc
             if self._balance is not None and not self._balance.withdraw(_clock.now()):
+                made, why = attempt, "retry budget exhausted"
                 break
+            status = None if resp is None else resp.status
             if resp is not None:
                 resp.release()
-            _log.log_wait("retry", reason, by_host(request), delay)
-            await _clock.sleep(delay)
+            _events.emit(
+                "retry_scheduled", "retry", key, request,
+                attempt=attempt, delay=delay, status=status, reason=reason,
+            )  # fmt: skip
+            with _metrics.waiting("retry", key, status):
+                await _clock.sleep(delay)
             try:
                 resp, exc = await handler(request), None
             except aiohttp.ClientError as error:
                 resp, exc = None, error
             if resp is not None and resp.status not in self._statuses:
                 return resp
+        _gave_up(request, key, made, resp, why)
         return _give_up(resp, exc)
 
     def _reason(
@@ -278,6 +300,16 @@ def _wait_time(resp: ClientResponse | None, backoff: float, max_delay: float) ->
 def _clamp(delay: float, max_delay: float) -> float:
     """A backoff's delay within [0, max_delay] (NaN and negatives -> 0)."""
     return min(delay, max_delay) if delay > 0.0 else 0.0
+
+
+def _gave_up(
+    request: ClientRequest, key: str, attempts: int, resp: ClientResponse | None, why: str
+) -> None:
+    """Emit ``retry_gave_up``: ``attempts`` made, the last status (if any), and why."""
+    status = None if resp is None else resp.status
+    _events.emit(
+        "retry_gave_up", "retry", key, request, attempt=attempts, status=status, reason=why
+    )
 
 
 def _give_up(resp: ClientResponse | None, exc: aiohttp.ClientError | None) -> ClientResponse:

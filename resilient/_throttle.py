@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock
+from . import _clock, _events, _metrics
 from ._adaptive import DEFAULT_MIN_RATE_DIVISOR, decreased, increased
 from ._bucket import TokenBucket
 from ._deadline import allowance
@@ -38,8 +38,10 @@ from ._errors import DeadlineExceeded
 from ._keys import KeyFunc, by_host
 from ._log import log_wait
 from ._policy import Policy
-from ._quota import MEMORY_STORAGE, Quotas, storage_scheme
+from ._quota import MEMORY_STORAGE, Quotas
 from ._state import DEFAULT_MAX_KEYS, KeyedState
+from ._stats import ThrottleStats
+from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
 
 __all__ = ["DEFAULT_BURST", "DEFAULT_STORAGE", "MAX_RATE", "Throttle"]
 
@@ -51,6 +53,8 @@ MAX_RATE = 1e9
 """Largest accepted ``rate`` (tokens per second)."""
 
 _KIND = "throttle"
+THROTTLED_EVENT_MIN = 0.001
+"""Seconds: a wait at least this long emits a ``throttled`` event (shorter: a DEBUG line)."""
 
 
 class _Key(TokenBucket):
@@ -96,7 +100,10 @@ class Throttle(Policy):
 
     ``rate``: tokens per second, in (0, 1e9]. ``burst``: bucket size, an int >= 1.
     ``quotas``: limits' notation (``"200/minute;5000/day"``) or None.
-    ``key``: request -> key (default ``by_host``). ``storage``: ``"memory://"``.
+    ``key``: request -> key (default ``by_host``).
+    ``storage``: where quota windows live, ``"memory://"`` or a Redis URI (shared by
+    every process: see :mod:`resilient.storage`); the token bucket is per process.
+    ``on_storage_error``: ``"raise"`` (StorageError) or ``"allow"`` (local windows).
     ``adaptive``: cut the rate on 429s, restore it on successes; ``min_rate``: its
     floor, in (0, rate] (default ``rate / 20``). ``max_keys``: keys remembered at once.
     """
@@ -111,8 +118,8 @@ class Throttle(Policy):
         "_min_rate",
         "_quotas",
         "_rate",
-        "_scheme",
         "_states",
+        "_storage",
     )
 
     def __init__(
@@ -123,6 +130,7 @@ class Throttle(Policy):
         quotas: str | None = None,
         key: KeyFunc = by_host,
         storage: str = DEFAULT_STORAGE,
+        on_storage_error: OnStorageError = "raise",
         adaptive: bool = False,
         min_rate: float | None = None,
         max_keys: int = DEFAULT_MAX_KEYS,
@@ -139,8 +147,9 @@ class Throttle(Policy):
                 f"Throttle: key must be a callable (request) -> str, got {type(key).__name__}"
             )
         self._key = key
-        self._scheme = storage_scheme(storage)
-        self._quotas = None if quotas is None else Quotas(quotas, storage)
+        self._storage = check("Throttle", storage)
+        on_error = check_on_storage_error("Throttle", on_storage_error)
+        self._quotas = None if quotas is None else _quotas(quotas, self._storage, on_error)
         self._states: KeyedState[_Key] = KeyedState(
             lambda _key: _Key(self._rate, self._burst, _clock.now()),
             self._idle,
@@ -174,17 +183,24 @@ class Throttle(Policy):
         state = self._states.get(key)
         return 0 if state is None else len(state.waiters)
 
+    def stats(self) -> dict[str, ThrottleStats]:
+        """A snapshot of every key's bucket (call it inside the event loop)."""
+        now = _clock.now()
+        return {key: _snapshot(key, state, now) for key, state in self._states.items()}
+
     def __repr__(self) -> str:
         quotas = "" if self._quotas is None else f", quotas={self._quotas.text!r}"
         adaptive = f", adaptive=True, min_rate={self._min_rate!r}" if self._adaptive else ""
         return (
             f"Throttle(rate={self._rate!r}, burst={self._burst!r}{quotas},"
-            f" key={getattr(self._key, '__name__', 'key')}, storage='{self._scheme}://'"
+            f" key={getattr(self._key, '__name__', 'key')}, storage={redact(self._storage)!r}"
             f"{adaptive})"
         )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
+        if _metrics.recorder is not None and _metrics.outside(self):
+            return await _metrics.counted(self, key, request, handler)
         state = self._states.get_or_create(key)
         now = _clock.now()
         quotas = self._quotas
@@ -245,13 +261,14 @@ class Throttle(Policy):
         wait = (ahead + 1 - state.refill(started)) / state.rate
         allowed = _allowed(request, started, key, wait, "rate limit")
         if wait > 0.0:
-            log_wait(_KIND, "rate limit", key, wait)
+            _throttled(request, key, wait, "rate limit")
         fut = asyncio.get_running_loop().create_future()
         state.waiters.append(fut)
         try:
-            if state.waiters[0] is not fut:
-                await _turn(fut, key, allowed)
-            await self._head(request, key, state, started)
+            with _metrics.waiting(_KIND, key):
+                if state.waiters[0] is not fut:
+                    await _turn(fut, key, allowed)
+                await self._head(request, key, state, started)
         finally:
             _leave(state, fut)
 
@@ -276,8 +293,40 @@ class Throttle(Policy):
                 state.take(_clock.now())
                 return
             _allowed(request, started, key, delay, reason)
-            log_wait(_KIND, reason, key, delay)
+            _throttled(request, key, delay, reason)
             await _sleep_or_landing(state, delay)
+
+
+def _throttled(request: ClientRequest, key: str, delay: float, reason: str) -> None:
+    """Announce a wait: a ``throttled`` event from 1 ms up, else a DEBUG line."""
+    if delay >= THROTTLED_EVENT_MIN:
+        _events.emit("throttled", _KIND, key, request, delay=delay, reason=reason)
+    else:
+        log_wait(_KIND, reason, key, delay)
+
+
+def _snapshot(key: str, state: _Key, now: float) -> ThrottleStats:
+    """``state`` at ``now``, read without changing it."""
+    elapsed = now - state.last
+    tokens = state.tokens + elapsed * state.rate if elapsed > 0.0 else state.tokens
+    return ThrottleStats(
+        key=key,
+        tokens=min(tokens, state.burst),
+        rate=state.rate,
+        burst=int(state.burst),
+        waiting=len(state.waiters),
+        in_flight=state.flying,
+    )
+
+
+def _quotas(text: str, storage: str, on_error: OnStorageError) -> Quotas:
+    """The quota windows: in this process, or shared through Redis."""
+    if not is_shared(storage):
+        return Quotas(text)
+    from .storage._quota import SharedQuotas
+    from .storage._redis import RedisStore
+
+    return SharedQuotas(text, RedisStore(storage), on_error)
 
 
 async def _board(quotas: Quotas, key: str, state: _Key) -> tuple[float, str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, settings
+from redis_server import RedisServer
 
 # Shared, noisy 2-core machines: no per-example deadline; the pytest-timeout bounds each test.
 settings.register_profile(
@@ -97,3 +98,32 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain session (no middlewares); tests pass ``middlewares=`` per request."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def redis_server_session() -> Iterator[RedisServer]:
+    """One ``redis-server`` for the session (see tests/redis_server.py)."""
+    redis = RedisServer()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server_session: RedisServer) -> str:
+    """The URL of an empty Redis (the session's server, flushed)."""
+    redis_server_session.flush()
+    return redis_server_session.url
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis of the test's own, which it may stop and restart."""
+    redis = RedisServer()
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()

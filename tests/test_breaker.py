@@ -477,10 +477,16 @@ def test_invalid_configuration_raises_value_error_naming_the_argument(argument, 
         CircuitBreaker(**{argument: value})
 
 
-def test_redis_storage_is_refused_without_echoing_the_uri():
-    with pytest.raises(ValueError, match=r"storage.*Redis") as caught:
-        CircuitBreaker(storage="redis://:hunter2@cache.internal:6379/0")
+def test_an_unknown_storage_is_refused_without_echoing_the_uri():
+    with pytest.raises(ValueError, match=r"storage") as caught:
+        CircuitBreaker(storage="mongodb://admin:hunter2@cache.internal:27017/0")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_redis_uri_is_accepted_and_its_password_never_shown():
+    breaker = CircuitBreaker(storage="redis://:hunter2@cache.internal:6379/0")
+    assert "hunter2" not in repr(breaker)
+    assert "redis://cache.internal:6379/0" in repr(breaker)
 
 
 def test_defaults_and_repr():

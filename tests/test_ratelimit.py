@@ -525,8 +525,14 @@ def test_invalid_configuration_names_the_argument(kwargs, name):
 
 def test_storage_error_does_not_echo_a_password():
     with pytest.raises(ValueError, match="storage") as caught:
-        RateLimitBackoff(storage="redis://:hunter2@cache:6379/0")
+        RateLimitBackoff(storage="mongodb://admin:hunter2@cache:27017/0")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_redis_uri_is_accepted_and_its_password_never_shown():
+    policy = RateLimitBackoff(storage="redis://:hunter2@cache:6379/0")
+    assert "hunter2" not in repr(policy)
+    assert "redis://cache:6379/0" in repr(policy)
 
 
 def test_policy_is_immutable():

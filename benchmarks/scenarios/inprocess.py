@@ -30,6 +30,7 @@ TITLE = "1b. In-process cost per call (success path), against a bare handler"
 RETRY_BREAKER_TARGET = 1.5
 CHAIN_TARGET = 3.0
 FAIL_FAST_TARGET = 20.0
+OTEL_VARIANT = "full chain + OpenTelemetry"
 
 
 def _sizes(cfg: Config) -> tuple[int, int]:
@@ -125,6 +126,28 @@ async def _loop_fail(handler: ClientHandlerType, req: ClientRequest, n: int) -> 
     return (time.perf_counter() - t0) / n * 1e6
 
 
+def _otel_loop() -> Callable[..., Any] | None:
+    """``_loop_ok`` with OpenTelemetry instrumented for its duration (an SDK MeterProvider
+    with an in-memory reader), or None when opentelemetry-sdk is not installed."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    except ImportError:
+        return None
+    import resilient
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+
+    async def loop(handler: ClientHandlerType, req: ClientRequest, n: int) -> float:
+        uninstrument = resilient.instrument_opentelemetry(provider)
+        try:
+            return await _loop_ok(handler, req, n)
+        finally:
+            uninstrument()
+
+    return loop
+
+
 async def _measure(cfg: Config, progress: Progress) -> dict[str, list[float]]:
     from resilient.testing import SimulatedAPI
 
@@ -140,6 +163,12 @@ async def _measure(cfg: Config, progress: Progress) -> dict[str, list[float]]:
     }
     for name, policies in _policies().items():
         handlers[name] = (build_client_middlewares(bare, policies), _loop_ok)
+    otel = _otel_loop()
+    if otel is not None:
+        import resilient
+
+        chain = resilient.chain(*build_policies(ResilientOptions()))
+        handlers[OTEL_VARIANT] = (build_client_middlewares(bare, chain), otel)
     handlers["fail-fast (chain, open)"] = (await _open_chain(req), _loop_fail)
     times: dict[str, list[float]] = {name: [] for name in handlers}
     for handler, loop in handlers.values():  # warm-up
@@ -201,6 +230,10 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "Throttle(quotas=...): limits' in-memory moving window keeps one entry per call "
             "in the window, here every call of the run, so its cost grows during the run "
             "(median vs min).",
+            f"'{OTEL_VARIANT}': resilient.instrument_opentelemetry() with an SDK MeterProvider "
+            "(in-memory reader) during that variant only: each policy counts its call in "
+            "resilient.requests. Not instrumented, the chain pays one None check per policy "
+            "('full chain'). Skipped when opentelemetry-sdk is not installed.",
         ],
         series={"times_us": times},
     )

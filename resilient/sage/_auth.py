@@ -14,7 +14,9 @@ from contextvars import ContextVar
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 
+from .. import _events, _metrics
 from .._errors import BodyNotReplayable, ResilienceError
+from .._keys import by_host
 from .._log import logger
 from .._policy import Policy
 from ._errors import parse_errors
@@ -134,6 +136,8 @@ class TokenRefresh(Policy):
         self._inflight: asyncio.Future[str] | None = None
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        if _metrics.recorder is not None and _metrics.outside(self):
+            return await _metrics.counted(self, by_host(request), request, handler)
         generation = self._generation
         if self._stale and request.headers.get(hdrs.AUTHORIZATION) in self._stale:
             request.headers[hdrs.AUTHORIZATION] = self._auth
@@ -146,11 +150,11 @@ class TokenRefresh(Policy):
         if codes is None:
             return resp
         if EXPIRED_DATA_CODE not in codes:
-            await self._reauthorize(resp, codes)
+            await self._reauthorize(request, resp, codes)
             return resp
         resp.release()
         sent = request.headers.get(hdrs.AUTHORIZATION)
-        auth = await self._fresh_auth(generation)
+        auth = await self._fresh_auth(generation, request)
         if sent is not None and sent != auth:
             self._mark_stale(sent)
         if getattr(request.body, "consumed", False):
@@ -158,12 +162,14 @@ class TokenRefresh(Policy):
         request.headers[hdrs.AUTHORIZATION] = auth
         return await handler(request)
 
-    async def _reauthorize(self, resp: ClientResponse, codes: list[str]) -> None:
+    async def _reauthorize(
+        self, request: ClientRequest, resp: ClientResponse, codes: list[str]
+    ) -> None:
+        why = ",".join(codes)[:200] or "without $dataCode"
         logger.warning(
-            "TokenRefresh: 401 %s from %s; the user must authorise again",
-            ",".join(codes)[:200] or "without $dataCode",
-            resp.url.host,
+            "TokenRefresh: 401 %s from %s; the user must authorise again", why, resp.url.host
         )
+        _events.emit("reauthorize", "auth", by_host(request), request, status=401, reason=why)
         if self._on_reauthorize is None:
             return
         try:
@@ -172,13 +178,13 @@ class TokenRefresh(Policy):
             resp.release()
             raise
 
-    async def _fresh_auth(self, generation: int) -> str:
+    async def _fresh_auth(self, generation: int, request: ClientRequest) -> str:
         """The ``Authorization`` value to re-send with: join, reuse or start a refresh."""
         task = self._inflight
         if task is None:
             if self._generation != generation and self._auth:
                 return self._auth  # refreshed after this request was sent
-            task = self._inflight = asyncio.ensure_future(self._run_refresh())
+            task = self._inflight = asyncio.ensure_future(self._run_refresh(request))
             task.add_done_callback(_retrieve)
         try:
             return await asyncio.shield(task)
@@ -189,7 +195,8 @@ class TokenRefresh(Policy):
                 f"TokenRefresh: refresh() failed ({type(exc).__name__}); nothing was re-sent"
             ) from exc
 
-    async def _run_refresh(self) -> str:
+    async def _run_refresh(self, request: ClientRequest) -> str:
+        """Refresh once for every caller; ``request`` (the first to need it) names the event."""
         _in_refresh.set(True)  # this task's own context copy
         try:
             auth = _bearer(await self._refresh())
@@ -198,6 +205,10 @@ class TokenRefresh(Policy):
             self._auth = auth
             self._generation += 1
             logger.info("TokenRefresh: access token refreshed (generation %d)", self._generation)
+            _events.emit(
+                "token_refreshed", "auth", by_host(request), request, status=401,
+                reason=f"{EXPIRED_DATA_CODE} (generation {self._generation})",
+            )  # fmt: skip
             return auth
         finally:
             self._inflight = None

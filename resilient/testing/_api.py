@@ -299,16 +299,37 @@ class SimulatedAPI:
         """
         if self._runner is not None:
             raise RuntimeError("SimulatedAPI.start: already started")
+        await self._serve(0)
+        return self.url
+
+    async def _serve(self, port: int) -> None:
         runner = web.AppRunner(
             self.app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        return self.url
+        host, bound = runner.addresses[0][:2]
+        self.url = f"http://{host}:{bound}"
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        """Stop serving like :meth:`close` (open connections are closed, in-flight
+        handlers get :data:`SHUTDOWN_TIMEOUT`), stay down ``downtime`` seconds (loop
+        clock; connections are refused meanwhile), then serve again on the same port.
+
+        Logs, invoices, tokens, queued faults and the outage clock origin are kept.
+        """
+        if self._runner is None:
+            raise RuntimeError("SimulatedAPI.restart: not started")
+        if not 0.0 <= downtime < math.inf:
+            raise ValueError(f"restart: downtime must be finite seconds >= 0, got {downtime!r}")
+        port, t0 = int(self.url.rpartition(":")[2]), self._t0
+        await self.close()
+        if downtime:
+            await asyncio.sleep(downtime)
+        await self._serve(port)
+        self._t0 = t0
 
     async def _on_startup(self, app: web.Application) -> None:
         """The clock origin of ``outages``, also when ``app`` is served by another runner."""

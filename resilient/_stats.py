@@ -1,0 +1,83 @@
+"""Snapshots returned by each policy's ``stats()``: frozen values, one per key.
+
+A snapshot is read inside the event loop at one instant and never changes; times in
+the future are given both as seconds from now and as a UTC datetime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+__all__ = ["CircuitStats", "PauseStats", "RetryStats", "ThrottleStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleStats:
+    """One key of a ``Throttle``.
+
+    ``tokens``: tokens in the bucket now (may dip a hair below 0: a token granted
+    early is paid back by the next). ``rate``: tokens per second now (below the
+    configured rate after adaptive cuts). ``burst``: the bucket size. ``waiting``:
+    callers queued for a token. ``in_flight``: requests counted in flight (with quotas).
+    """
+
+    key: str
+    tokens: float
+    rate: float
+    burst: int
+    waiting: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class PauseStats:
+    """One key of a ``RateLimitBackoff``.
+
+    ``paused``: no caller may send (from a 429 until a probe's answer is not a 429).
+    ``remaining``: seconds until the pause ends (0 when open, or when the probe is due).
+    ``paused_until``: the UTC end of the pause, None when not paused. ``probing``: the
+    probe is on the wire. ``waiting``: callers queued for the pause to end.
+    """
+
+    key: str
+    paused: bool
+    remaining: float
+    paused_until: datetime | None
+    probing: bool
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitStats:
+    """One key of a ``CircuitBreaker``.
+
+    ``state``: ``"closed"``, ``"open"`` or ``"half_open"`` (open past ``open_for``
+    reads half-open). ``calls``, ``failures``: outcomes in the sliding window;
+    ``failure_ratio`` = failures / calls (0 without calls). ``retry_after``: seconds
+    until half-open while open (else 0); ``open_until``: that time in UTC, None unless
+    open. ``probes``: trial requests in flight while half-open.
+    """
+
+    key: str
+    state: str
+    calls: int
+    failures: int
+    failure_ratio: float
+    retry_after: float
+    open_until: datetime | None
+    probes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryStats:
+    """A ``Retry``'s budget (one per policy, not per key) over its 10-second window.
+
+    ``first_attempts``, ``retries``: counted in the window. ``retries_left``: retries
+    the budget allows now (ratio × first attempts + reserve − retries, floored at 0);
+    None without a budget.
+    """
+
+    first_attempts: int
+    retries: int
+    retries_left: float | None

@@ -1,0 +1,143 @@
+"""Circuit breakers shared through Redis: one circuit per key for every process.
+
+``lua/breaker.lua`` keeps a key's state, epoch, open-until and half-open slots, and its
+window of outcomes (``BUCKETS`` buckets of calls and failures, each tagged with its
+number so stale ones are skipped) in one Redis hash, on Redis's clock. The rules are
+those of :mod:`resilient._breaker`; each request costs two round trips:
+
+- ``admit`` before sending: closed, a half-open probe (slots elected atomically), or
+  rejected with the seconds until half-open (``CircuitOpenError``, nothing sent);
+- ``record`` its outcome (an outcome of an older epoch is ignored), which opens or
+  closes the circuit for everyone; ``release`` a probe slot that got no outcome.
+
+A Redis failure before sending raises ``StorageError`` (``on_storage_error="raise"``)
+or falls back to an in-memory breaker of this process (``"allow"``). A failure to
+record an outcome after the response never costs the caller the response: it is
+logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+
+from .. import _clock
+from .._breaker import is_failure
+from .._errors import CircuitOpenError, StorageError
+from .._log import human_duration, logger
+from . import OnStorageError
+from ._redis import KEY_PREFIX, RedisStore, tag
+
+if TYPE_CHECKING:
+    from .._breaker import CircuitBreaker
+
+__all__ = ["SharedCircuits"]
+
+_KIND = "circuit_breaker"
+_NAMES = ("closed", "open", "half_open")
+
+
+class SharedCircuits:
+    """The Redis side of a :class:`~resilient.CircuitBreaker` (see the module docstring).
+
+    ``settings``: the breaker's (failure_ratio, min_calls, open_for, half_open_probes,
+    bucket width, buckets); ``fallback``: an in-memory breaker with the same settings.
+    """
+
+    __slots__ = ("_fallback", "_on_error", "_settings", "_store")
+
+    def __init__(
+        self,
+        store: RedisStore,
+        settings: tuple[float, int, float, int, float, int],
+        fallback: CircuitBreaker,
+        on_error: OnStorageError,
+    ) -> None:
+        self._store = store
+        self._settings = list(settings)
+        self._fallback = fallback
+        self._on_error = on_error
+
+    async def call(
+        self, key: str, request: ClientRequest, handler: ClientHandlerType
+    ) -> ClientResponse:
+        """Admit, send, record: the shared breaker's ``__call__``."""
+        try:
+            admitted = await self._run(key, "admit")
+        except StorageError as exc:
+            if self._on_error == "raise":
+                raise
+            self._store.warn(_KIND, exc, _clock.now())
+            return await self._fallback(request, handler)
+        verdict, epoch = int(admitted[0]), int(admitted[1])
+        if verdict < 0:
+            raise CircuitOpenError(key, float(admitted[2]))
+        probe = verdict == 1
+        if probe and admitted[2]:
+            _log_half_open(key, _text(admitted[2]) == "half_open_again")
+        try:
+            resp = await handler(request)
+        except BaseException as exc:
+            if is_failure(exc):
+                await self._record(key, epoch, True, probe)
+            elif probe:
+                await self._record(key, epoch, None, probe)
+            raise
+        await self._record(key, epoch, resp.status >= 500, probe)
+        return resp
+
+    async def state(self, key: str) -> tuple[str, float]:
+        """``key``'s state name and the seconds until its open (or probe) time ends."""
+        reply = await self._run(key, "state")
+        return _NAMES[int(reply[0])], float(reply[1])
+
+    async def _record(self, key: str, epoch: int, failed: bool | None, probe: bool) -> None:
+        """Count an outcome (``failed``), or free a probe slot (``failed`` is None)."""
+        try:
+            if failed is None:
+                await self._run(key, "release", epoch)
+                return
+            reply = await self._run(key, "record", epoch, int(failed), int(probe))
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "this outcome is not counted")
+            return
+        transition = _text(reply[1]) if len(reply) > 1 else ""
+        if transition == "opened":
+            fails, calls = (int(reply[2]), int(reply[3])) if len(reply) > 3 else (0, 0)
+            _log_opened(key, fails, calls, self._settings[2])
+        elif transition == "closed":
+            _log_closed(key, int(self._settings[3]))
+
+    async def _run(self, key: str, op: str, *args: int) -> Any:
+        return await self._store.run(
+            "breaker", [f"{KEY_PREFIX}:breaker/{tag(key)}"], [op, *self._settings, *args]
+        )
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _log_opened(key: str, fails: int, calls: int, open_for: float) -> None:
+    if logger.isEnabledFor(logging.WARNING):
+        why = f"{fails} of {calls} calls failed" if calls else "a probe failed"
+        logger.warning(
+            "circuit_breaker: opened on %s (%s, shared); failing fast for %s, half-open at %s",
+            key,
+            why,
+            human_duration(open_for),
+            _clock.wall_after(open_for).isoformat(timespec="seconds"),
+        )
+
+
+def _log_half_open(key: str, overdue: bool) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        again = " again (the probes in flight are overdue)" if overdue else ""
+        logger.info("circuit_breaker: half-open on %s%s (shared)", key, again)
+
+
+def _log_closed(key: str, probes: int) -> None:
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("circuit_breaker: closed on %s (%d probe(s) succeeded, shared)", key, probes)

@@ -1,0 +1,132 @@
+"""Quota windows shared through Redis: every process's requests count in one window.
+
+The windows are ``limits``' moving windows, kept in ``limits``' Redis layout (one list
+of timestamps per window, newest first, under ``resilient:LIMITER/...``), so
+``limits``' own ``MovingWindowRateLimiter`` reads the same counts. Two scripts make
+the rule of :mod:`resilient._quota` hold across processes and hosts:
+
+- ``quota_board``: if ``used + in_flight < amount`` in every window, where
+  ``in_flight`` counts every process's requests in flight (a sorted set of tickets),
+  add this request's ticket (one round trip); else return the wait.
+- ``quota_land``: when the attempt ends, remove the ticket and take a slot
+  timestamped with Redis's ``TIME`` (a later time than the server's arrival).
+
+Landing runs in the background, so a request costs one round trip on its way out.
+A ticket is leased for the longest window plus :data:`IN_FLIGHT_LEASE` seconds: a
+landing that never comes (the process died, or Redis failed then) holds its slot at
+least as long as a recorded slot would have, then frees it. A window full of other
+processes' requests in flight is looked at again every :data:`POLL` seconds (their
+landings do not wake this process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from typing import Any
+
+from limits import RateLimitItem
+
+from .. import _clock
+from .._errors import StorageError
+from .._quota import NAMESPACE, Quotas
+from . import OnStorageError
+from ._redis import KEY_PREFIX, RedisStore, tag
+
+__all__ = ["IN_FLIGHT_LEASE", "POLL", "SharedQuotas"]
+
+IN_FLIGHT_LEASE = 300.0
+"""Seconds, beyond the longest window, that a ticket of a request in flight lives."""
+POLL = 0.05
+"""Seconds between two looks at a window full of other processes' requests in flight."""
+
+
+class SharedQuotas(Quotas):
+    """:class:`~resilient._quota.Quotas` with the windows and in-flight counts in Redis.
+
+    ``on_storage_error="allow"``: when Redis fails, the windows of this process alone
+    (in memory) decide, with a warning logged at most every 10 s.
+    """
+
+    __slots__ = (
+        "_args",
+        "_client",
+        "_landing",
+        "_lease",
+        "_on_error",
+        "_seq",
+        "_store",
+        "_tickets",
+    )
+
+    def __init__(self, text: str, store: RedisStore, on_error: OnStorageError) -> None:
+        super().__init__(text)  # the fallback windows
+        self._store = store
+        self._on_error = on_error
+        self._client = uuid.uuid4().hex
+        self._seq = 0
+        self._tickets: dict[str, deque[str]] = {}
+        self._landing: set[asyncio.Task[None]] = set()
+        windows: list[Any] = []
+        for item in self._items:
+            windows += [item.amount, item.get_expiry()]
+        self._args = windows
+        self._lease = max(item.get_expiry() for item in self._items) + IN_FLIGHT_LEASE
+
+    def _keys(self, key: str) -> list[str]:
+        prefixed = self._store.limits.bridge.prefixed_key
+        base = f"{KEY_PREFIX}:throttle/{tag(key)}"
+        return [f"{base}/flying"] + [
+            prefixed(item.key_for(NAMESPACE, tag(key))) for item in self._items
+        ]
+
+    async def room(self, key: str, in_flight: int) -> tuple[float, str]:
+        """Board in Redis (counted in flight there) or the wait; see the module docstring."""
+        self._seq += 1
+        ticket = f"{self._client}:{self._seq}"
+        try:
+            wait, which = await self._store.run(
+                "quota_board", self._keys(key), [ticket, self._lease, POLL, *self._args]
+            )
+        except StorageError as exc:
+            if self._on_error == "raise":
+                raise
+            self._store.warn("throttle", exc, _clock.now())
+            return await super().room(key, in_flight)
+        wait = float(wait)
+        if not wait:
+            self._tickets.setdefault(key, deque()).append(ticket)
+            return 0.0, ""
+        return max(wait, 0.001), f"quota {self._items[int(which) - 1]}"
+
+    async def record(self, key: str) -> None:
+        """Land in the background: the caller does not wait for the round trip."""
+        tickets = self._tickets.get(key)
+        ticket = tickets.popleft() if tickets else ""  # "": boarded on the local fallback
+        if tickets is not None and not tickets:
+            del self._tickets[key]
+        task = asyncio.get_running_loop().create_task(self._land(key, ticket))
+        self._landing.add(task)
+        task.add_done_callback(self._landing.discard)
+
+    async def _land(self, key: str, ticket: str) -> None:
+        try:
+            await self._store.run(
+                "quota_land", self._keys(key), [ticket, self._lease, POLL, *self._args]
+            )
+        except StorageError as exc:  # the lease frees Redis's count; count here at least
+            self._store.warn("throttle", exc, _clock.now(), "the slot is counted here only")
+            await super().record(key)
+
+    async def drain(self) -> None:
+        """Wait until every landing in the background has reached Redis (for tests, shutdown)."""
+        while self._landing:
+            await asyncio.gather(*self._landing, return_exceptions=True)
+
+    @property
+    def items(self) -> tuple[RateLimitItem, ...]:
+        return self._items
+
+    def __repr__(self) -> str:
+        return f"SharedQuotas({self.text!r}, storage={self._store.name!r})"

@@ -1,0 +1,145 @@
+"""One Redis connection per policy, shared with ``limits``, and the Lua scripts run on it.
+
+The client is ``limits``' async Redis storage built with the ``redis-py``
+implementation (one Redis library serves quotas, pauses and breakers); our scripts
+run on that storage's own connection pool. Every key starts with ``resilient:`` and
+holds the policy key in a hash tag (``{key}``), so one key's data lives on one
+Redis Cluster slot and each script is atomic.
+
+Time in Redis is Redis's own clock (``TIME``, inside the scripts): an absolute end
+(a pause, an open circuit, a window slot) is written and compared on one clock, so
+clock skew between client hosts changes nothing. Only *durations* cross the wire,
+and each process turns them into its own event-loop time.
+
+Bounded failure: every call is given :data:`STORAGE_TIMEOUT` seconds in all
+(socket timeouts of :data:`SOCKET_TIMEOUT`, one immediate retry for a stale pooled
+connection, as after a Redis restart);
+any Redis or socket error becomes :class:`~resilient.StorageError` naming the
+storage without credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import resources
+from typing import Any
+
+from .._errors import StorageError
+from .._log import logger
+from . import redact
+
+__all__ = [
+    "KEY_PREFIX",
+    "SOCKET_TIMEOUT",
+    "STORAGE_TIMEOUT",
+    "WARN_EVERY",
+    "RedisStore",
+    "tag",
+]
+
+KEY_PREFIX = "resilient"
+"""First part of every Redis key written by ``resilient`` (``limits`` included)."""
+SOCKET_TIMEOUT = 1.0
+"""Seconds to connect to Redis, and to wait for one reply."""
+STORAGE_TIMEOUT = 2.0
+"""Seconds one storage call may take in all before it fails with ``StorageError``."""
+WARN_EVERY = 10.0
+"""With ``on_storage_error="allow"``: seconds between two warnings of one store."""
+
+
+def tag(key: str) -> str:
+    """``{key}``: the Redis Cluster hash tag that keeps one policy key's data together."""
+    return "{" + key + "}"
+
+
+def _script(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+class RedisStore:
+    """A Redis reached through ``limits``' storage (built lazily, inside the event loop).
+
+    ``run(name, keys, args)`` runs ``lua/<name>.lua`` atomically (EVALSHA, loading the
+    script once). ``name`` is the storage URI without credentials.
+    """
+
+    __slots__ = ("_limits", "_scripts", "_uri", "_warned", "name")
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self.name = redact(uri)
+        self._limits: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._warned = -WARN_EVERY
+
+    @property
+    def limits(self) -> Any:
+        """``limits``' async Redis storage on this URI (redis-py implementation)."""
+        if self._limits is None:
+            self._limits = _limits_storage(self._uri)
+        return self._limits
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """The result of script ``name``, or StorageError within :data:`STORAGE_TIMEOUT`."""
+        try:
+            async with asyncio.timeout(STORAGE_TIMEOUT):
+                script = self._scripts.get(name)
+                if script is None:
+                    connection = self.limits.bridge.get_connection()
+                    script = self._scripts[name] = connection.register_script(_script(name))
+                return await script(keys=keys, args=args)
+        except (OSError, TimeoutError) as exc:
+            raise StorageError(self.name, type(exc).__name__) from None
+        except Exception as exc:
+            if _is_redis_error(exc):
+                raise StorageError(self.name, type(exc).__name__) from None
+            raise
+
+    def warn(
+        self,
+        policy: str,
+        exc: StorageError,
+        now: float,
+        then: str = "going on with this process's own state (on_storage_error='allow')",
+    ) -> None:
+        """Log ``exc`` and what ``policy`` does ``then``, at most every :data:`WARN_EVERY` s."""
+        if now - self._warned >= WARN_EVERY and logger.isEnabledFor(logging.WARNING):
+            self._warned = now
+            logger.warning("%s: %s; %s", policy, exc, then)
+
+    async def close(self) -> None:
+        """Close the connection pool (a later call reconnects)."""
+        if self._limits is not None:
+            await self._limits.bridge.get_connection().aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.name!r})"
+
+
+def _limits_storage(uri: str) -> Any:
+    """``limits``' storage for ``uri``; a missing ``redis`` package names the extra."""
+    try:
+        import redis.asyncio.retry
+        import redis.backoff
+    except ImportError:  # pragma: no cover - the redis extra is installed in tests
+        raise ImportError("shared storage needs redis-py: pip install 'resilient[redis]'") from None
+    from limits.storage import storage_from_string
+
+    once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)  # a stale pooled socket
+    return storage_from_string(
+        "async+" + uri,
+        implementation="redispy",
+        key_prefix=KEY_PREFIX,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=once,  # type: ignore[arg-type]
+    )
+
+
+def _is_redis_error(exc: Exception) -> bool:
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, RedisError)

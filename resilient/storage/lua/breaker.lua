@@ -1,0 +1,98 @@
+-- One key's circuit breaker shared by every process, on Redis's clock (TIME).
+-- KEYS[1]: hash {state (0 closed, 1 open, 2 half-open), epoch, until, admitted,
+--   successes, and per bucket i (0..buckets-1): b<i> its number, n<i> calls, f<i> failures}.
+-- ARGV: op, failure_ratio, min_calls, open_for, half_open_probes, width, buckets, then
+--   admit                 -> {0, epoch} closed | {1, epoch, transition} probe admitted |
+--                            {-1, epoch, seconds until half-open} rejected
+--   record epoch failed probe -> {state, transition, fails, calls}; an outcome of an
+--                            older epoch is ignored
+--   release epoch         -> a half-open probe ended without an outcome: free its slot
+--   state                 -> {state, seconds until (half-)open ends}
+-- Same rules as the in-memory circuit (resilient/_breaker.py). Floats travel as strings.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local key, op = KEYS[1], ARGV[1]
+local ratio, min_calls, open_for = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local probes, width, buckets = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local h = redis.call('HMGET', key, 'state', 'epoch', 'until', 'admitted', 'successes')
+local state, epoch = tonumber(h[1] or '0'), tonumber(h[2] or '0')
+local untl, admitted, successes = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
+local ttl = math.ceil(width * buckets + open_for) + 60
+
+local function save()
+  redis.call('HSET', key, 'state', state, 'epoch', epoch, 'until', tostring(untl),
+             'admitted', admitted, 'successes', successes)
+  redis.call('EXPIRE', key, ttl)
+end
+
+local function clear_counts()
+  for i = 0, buckets - 1 do redis.call('HDEL', key, 'b' .. i, 'n' .. i, 'f' .. i) end
+end
+
+local function trip()
+  state, epoch, untl, admitted, successes = 1, epoch + 1, now + open_for, 0, 0
+  clear_counts()
+  save()
+end
+
+if op == 'admit' then
+  if state == 0 then return {0, epoch} end
+  local transition = ''
+  if state == 1 or admitted >= probes then
+    if now < untl then return {-1, epoch, tostring(untl - now)} end
+    transition = (state == 2) and 'half_open_again' or 'half_open'
+    state, epoch, admitted, successes = 2, epoch + 1, 0, 0
+  end
+  admitted = admitted + 1
+  untl = now + open_for
+  save()
+  return {1, epoch, transition}
+elseif op == 'record' then
+  local e, failed, probe = tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10] == '1'
+  if e ~= epoch then return {state, ''} end
+  if probe then
+    if failed then
+      trip()
+      return {state, 'opened', 0, 0}
+    end
+    successes = successes + 1
+    if successes >= probes then
+      state, epoch, admitted, successes = 0, epoch + 1, 0, 0
+      clear_counts()
+      save()
+      return {state, 'closed'}
+    end
+    save()
+    return {state, ''}
+  end
+  local b = math.floor(now / width)
+  local i = b % buckets
+  if tonumber(redis.call('HGET', key, 'b' .. i) or '-1') ~= b then
+    redis.call('HSET', key, 'b' .. i, b, 'n' .. i, 0, 'f' .. i, 0)
+  end
+  redis.call('HINCRBY', key, 'n' .. i, 1)
+  if failed then redis.call('HINCRBY', key, 'f' .. i, 1) end
+  redis.call('EXPIRE', key, ttl)
+  if not failed or state ~= 0 then return {state, ''} end
+  local calls, fails = 0, 0
+  for j = 0, buckets - 1 do
+    local row = redis.call('HMGET', key, 'b' .. j, 'n' .. j, 'f' .. j)
+    if tonumber(row[1] or '-1') > b - buckets then
+      calls = calls + tonumber(row[2] or '0')
+      fails = fails + tonumber(row[3] or '0')
+    end
+  end
+  if calls >= min_calls and fails / calls >= ratio then
+    trip()
+    return {state, 'opened', fails, calls}
+  end
+  return {state, ''}
+elseif op == 'release' then
+  if tonumber(ARGV[8]) == epoch and state == 2 and admitted > 0 then
+    redis.call('HSET', key, 'admitted', admitted - 1)
+  end
+  return 1
+elseif op == 'state' then
+  return {state, tostring(math.max(0, untl - now))}
+end
+return redis.error_reply('unknown op ' .. op)

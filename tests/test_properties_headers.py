@@ -1,0 +1,187 @@
+"""Properties of the header parsers beyond "never raise" (see test_headers.py for that).
+
+The documented contract (``resilient/_headers.py``): every parser returns ``None``
+(absent or garbage) or a delay ``>= 0`` that is finite, or ``inf`` for "beyond any
+wait" (a number too large to represent). These tests check what the value *is*:
+round trips of every header form, the epoch/delta classification of reset values, the
+choice among RateLimit policies, and the order in which headers are consulted.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resilient._headers import (
+    EPOCH_MS_THRESHOLD,
+    EPOCH_THRESHOLD,
+    parse_ratelimit,
+    parse_reset,
+    parse_retry_after,
+    retry_hint,
+)
+
+NOWS = st.floats(min_value=EPOCH_THRESHOLD, max_value=4e9)  # 2001 .. 2096, as time.time()
+DATES = st.datetimes(
+    min_value=datetime(1971, 1, 1), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+).map(lambda d: d.replace(microsecond=0))
+DECIMALS = st.from_regex(r"[0-9]{1,30}(\.[0-9]{1,20})?", fullmatch=True)
+# Anything a hostile server (or a broken proxy) could put in a header value as aiohttp
+# hands it over: any code point, lone surrogates (surrogateescape) and controls included.
+ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=300)
+
+
+def _contract(result: float | None) -> bool:
+    return result is None or (isinstance(result, float) and result >= 0.0 and not math.isnan(result))
+
+
+# --- totality over any code point -----------------------------------------------
+
+
+@given(ANY_TEXT, NOWS)
+def test_every_parser_is_total_over_any_code_point(value, now):
+    assert _contract(parse_retry_after(value, now=now))
+    assert _contract(parse_ratelimit(value))
+    assert _contract(parse_reset(value, now=now))
+
+
+@given(st.sampled_from(["9", " ", "t=", "r=0;t=1,", "Tue, "]), st.integers(4_000, 200_000))
+def test_huge_values_are_parsed_or_refused_without_raising(unit, repeat):
+    value = unit * (repeat // len(unit))
+    for result in (
+        parse_retry_after(value, now=EPOCH_THRESHOLD),
+        parse_ratelimit(value),
+        parse_reset(value, now=EPOCH_THRESHOLD),
+    ):
+        assert _contract(result)
+
+
+# --- Retry-After ------------------------------------------------------------------
+
+
+@given(DECIMALS, NOWS, st.sampled_from(["", " ", "\t"]))
+def test_retry_after_delay_seconds_is_the_number_whatever_the_time(text, now, pad):
+    assert parse_retry_after(pad + text + pad, now=now) == float(text)
+
+
+@given(DATES, NOWS)
+def test_retry_after_imf_fixdate_gives_the_seconds_until_then(when, now):
+    value = format_datetime(when, usegmt=True)  # "Tue, 14 Nov 2023 23:13:20 GMT"
+    assert parse_retry_after(value, now=now) == pytest.approx(
+        max(0.0, when.timestamp() - now), abs=1e-6
+    )
+
+
+@given(DATES, NOWS)
+def test_retry_after_asctime_is_read_as_gmt(when, now):
+    value = when.strftime("%a %b ") + f"{when.day:2d}" + when.strftime(" %H:%M:%S %Y")
+    assert parse_retry_after(value, now=now) == pytest.approx(
+        max(0.0, when.timestamp() - now), abs=1e-6
+    )
+
+
+@given(DATES, st.integers(-1439, 1439), NOWS)
+def test_retry_after_date_with_a_numeric_zone_applies_the_offset(when, minutes, now):
+    sign, offset = ("+" if minutes >= 0 else "-"), abs(minutes)
+    local = when + timedelta(minutes=minutes)  # the same instant, as seen in that zone
+    value = local.strftime("%a, %d %b %Y %H:%M:%S ") + f"{sign}{offset // 60:02d}{offset % 60:02d}"
+    assert parse_retry_after(value, now=now) == pytest.approx(
+        max(0.0, when.timestamp() - now), abs=1e-6
+    )
+
+
+@given(DECIMALS.filter(lambda t: float(t) > 0.0), NOWS)
+def test_retry_after_negative_or_signed_numbers_are_garbage(text, now):
+    assert parse_retry_after("-" + text, now=now) is None
+    assert parse_retry_after("+" + text, now=now) is None
+
+
+@given(st.integers(309, 5000), NOWS)
+def test_retry_after_beyond_float_range_is_beyond_any_wait(digits, now):
+    assert parse_retry_after("1" + "0" * digits, now=now) == math.inf
+
+
+# --- RateLimit --------------------------------------------------------------------
+
+POLICY = st.tuples(
+    st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True),
+    st.one_of(st.none(), st.just(0), st.integers(1, 10_000)),  # r: absent, exhausted, room
+    st.from_regex(r"[0-9]{1,9}(\.[0-9]{1,6})?", fullmatch=True),  # t: delta seconds
+)
+
+
+def _sf_item(name: str, remaining: int | None, reset: str) -> str:
+    r = "" if remaining is None else f";r={remaining}"
+    return f'"{name}"{r};t={reset}'
+
+
+@given(st.lists(POLICY, min_size=1, max_size=6), st.sampled_from([",", ", ", " ,  "]))
+def test_ratelimit_is_the_longest_reset_among_exhausted_policies(policies, sep):
+    value = sep.join(_sf_item(*p) for p in policies)
+    gating = [float(t) for _, r, t in policies if not r]
+    assert parse_ratelimit(value) == (max(gating) if gating else None)
+
+
+@given(st.lists(POLICY, min_size=1, max_size=6))
+def test_ratelimit_parameter_names_are_case_insensitive(policies):
+    value = ", ".join(_sf_item(*p) for p in policies)
+    assert parse_ratelimit(value.upper()) == parse_ratelimit(value)
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(0, 10**6))
+def test_ratelimit_early_draft_dictionary_gates_only_when_nothing_remains(limit, left, reset):
+    value = f"limit={limit}, remaining={left}, reset={reset}"
+    assert parse_ratelimit(value) == (float(reset) if left == 0 else None)
+
+
+# --- RateLimit-Reset / X-RateLimit-Reset ------------------------------------------
+
+
+@given(st.floats(0.0, EPOCH_THRESHOLD, exclude_max=True).map(lambda f: round(f, 3)), NOWS)
+def test_reset_below_the_epoch_threshold_is_delta_seconds(delta, now):
+    assert parse_reset(repr(delta), now=now) == delta
+
+
+@given(st.integers(int(EPOCH_THRESHOLD), int(EPOCH_MS_THRESHOLD) - 1), NOWS)
+def test_reset_epoch_seconds_is_the_time_until_then_never_negative(epoch, now):
+    assert parse_reset(str(epoch), now=now) == max(0.0, epoch - now)
+
+
+@given(st.integers(int(EPOCH_MS_THRESHOLD), 10**16), NOWS)
+def test_reset_epoch_milliseconds_is_the_time_until_then_never_negative(epoch_ms, now):
+    assert parse_reset(str(epoch_ms), now=now) == pytest.approx(
+        max(0.0, epoch_ms / 1000.0 - now), abs=1e-6
+    )
+
+
+# --- which header is consulted ------------------------------------------------------
+
+NAMES = ["Retry-After", "RateLimit", "RateLimit-Reset", "X-RateLimit-Reset"]
+VALUES = st.one_of(
+    st.sampled_from(["soon", "-1", "", "5", "r=0;t=7", '"q";r=3;t=9', "1700000100", "0"]),
+    ANY_TEXT,
+)
+
+
+@given(st.dictionaries(st.sampled_from(NAMES), VALUES), NOWS)
+def test_retry_hint_is_the_first_header_that_parses_in_the_documented_order(headers, now):
+    parsers = {
+        "Retry-After": lambda v: parse_retry_after(v, now=now),
+        "RateLimit": parse_ratelimit,
+        "RateLimit-Reset": lambda v: parse_reset(v, now=now),
+        "X-RateLimit-Reset": lambda v: parse_reset(v, now=now),
+    }
+    expected = next(
+        (
+            (delay, name)
+            for name in NAMES
+            if (delay := parsers[name](headers.get(name))) is not None
+        ),
+        None,
+    )
+    assert retry_hint(headers, now=now) == expected
