@@ -23,7 +23,7 @@ from typing import Literal, Protocol
 
 from yarl import URL
 
-from . import _clock
+from . import _clock, _metrics
 from ._log import log_wait, logger
 
 __all__ = [
@@ -203,7 +203,8 @@ def _call(hook: Hook, event: Event) -> None:
     try:
         result = hook(event)
         if inspect.isawaitable(result):
-            task: asyncio.Future[None] = asyncio.ensure_future(_awaited(hook, result))
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(_awaited(hook, result), context=_metrics.fresh_context())
             _tasks.add(task)
             task.add_done_callback(_tasks.discard)
     except Exception as exc:  # a hook never breaks a request

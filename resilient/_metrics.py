@@ -2,17 +2,21 @@
 
 The success path pays one module attribute read per policy call
 (``_metrics.recorder is not None``). Only when a backend is installed
-(:func:`resilient.instrument_opentelemetry`) does a policy route its call through
-:func:`counted` (one count per policy call: its key, its kind and the outcome), and
-do waits report through :class:`waiting` (callers waiting now, seconds waited).
+(:func:`resilient.instrument_opentelemetry`) does the outermost policy of a call route
+it through :func:`counted` (one count per call: the key, that policy's kind and the
+outcome), and do waits report through :class:`waiting` (callers waiting now, seconds
+waited).
 
-Counting re-enters the policy: :func:`counted` marks the policy in a contextvar and
-calls it again; :func:`outside` tells the re-entered call to run its body.
+:func:`counted` marks the call in a contextvar and calls the policy again;
+:func:`outside` is False inside a marked call, so the re-entered policy and every
+policy inside it (retries included) run their bodies without counting again. Tasks
+that are not part of the call (async hooks, a token refresh) start from
+:func:`fresh_context`, without the mark.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
@@ -23,7 +27,7 @@ from . import _clock
 if TYPE_CHECKING:
     from ._policy import Policy
 
-__all__ = ["Recorder", "counted", "outside", "recorder", "waiting"]
+__all__ = ["Recorder", "counted", "fresh_context", "outside", "recorder", "waiting"]
 
 
 class Recorder(Protocol):
@@ -46,14 +50,22 @@ _counting: ContextVar[object] = ContextVar("resilient_counting", default=None)
 
 
 def outside(policy: Policy) -> bool:
-    """True unless this call is ``policy`` re-entered by its own :func:`counted`."""
-    return _counting.get() is not policy
+    """True unless an outer policy (or ``policy`` itself, re-entered) counts this call."""
+    return _counting.get() is None
+
+
+def fresh_context() -> Context:
+    """A copy of the current context without the mark of the call being counted."""
+    context = copy_context()
+    context.run(_counting.set, None)
+    return context
 
 
 async def counted(
     policy: Policy, key: str, request: ClientRequest, handler: ClientHandlerType
 ) -> ClientResponse:
-    """Run ``policy(request, handler)`` and count its outcome (status or exception name)."""
+    """Run ``policy(request, handler)`` and count its outcome (status or exception name)
+    as one call of ``key`` through ``policy`` (the outermost policy of the call)."""
     token = _counting.set(policy)
     status: int | str = "unknown"
     try:

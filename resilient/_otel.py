@@ -4,9 +4,9 @@
 imported only when this function is called. Instruments (attributes: ``key``,
 ``policy``, and ``status`` where one is known):
 
-- ``resilient.requests`` (counter): calls through each policy, ``status`` = the HTTP
-  status returned or the exception's class name. A chain of four policies counts a
-  call once per policy: filter on ``policy``.
+- ``resilient.requests`` (counter): calls, counted once each by the outermost
+  ``resilient`` policy (``policy`` names it; retries are not new calls), ``status`` =
+  the HTTP status returned or the exception's class name.
 - ``resilient.retries`` (counter): retries scheduled (``status``: the status or the
   network error that caused it).
 - ``resilient.rate_limited`` (counter): 429 pauses started.
@@ -47,7 +47,7 @@ class _Recorder:
         self.provider = provider
         self.remove_hook: Callable[[], None] = _noop
         self._requests = meter.create_counter(
-            "resilient.requests", unit="{request}", description="Calls through each policy"
+            "resilient.requests", unit="{request}", description="Calls, by final status"
         )
         self._retries = meter.create_counter(
             "resilient.retries", unit="{retry}", description="Retries scheduled"

@@ -11,7 +11,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, settings
-from redis_server import RedisServer
+from redis_server import new_redis_server
+
+from resilient.testing import RedisServer
 
 # Shared, noisy 2-core machines: no per-example deadline; the pytest-timeout bounds each test.
 settings.register_profile(
@@ -103,7 +105,7 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture(scope="session")
 def redis_server_session() -> Iterator[RedisServer]:
     """One ``redis-server`` for the session (see tests/redis_server.py)."""
-    redis = RedisServer()
+    redis = new_redis_server()
     redis.start()
     try:
         yield redis
@@ -121,7 +123,7 @@ def redis_url(redis_server_session: RedisServer) -> str:
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     """A Redis of the test's own, which it may stop and restart."""
-    redis = RedisServer()
+    redis = new_redis_server()
     redis.start()
     try:
         yield redis

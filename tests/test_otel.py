@@ -83,20 +83,25 @@ def quick_retry(**kwargs: object) -> resilient.Retry:
 # --- counters -----------------------------------------------------------------------
 
 
-async def test_requests_are_counted_per_policy_with_key_and_status(server, session, metrics):
-    key = server.url
-    await fetch(session, server.url + "/r", quick_retry(), resilient.CircuitBreaker())
-    await fetch(session, server.url + "/r", quick_retry(), resilient.CircuitBreaker())
-    assert metrics.value("resilient.requests", key=key, policy="retry", status=200) == 2
-    assert metrics.value("resilient.requests", key=key, policy="circuit_breaker", status=200) == 2
+async def test_a_call_is_counted_once_by_the_outermost_policy(server, session, metrics):
+    policies = (quick_retry(), resilient.CircuitBreaker(), resilient.Throttle(1e3, burst=10))
+    await fetch(session, server.url + "/r", *policies)
+    await fetch(session, server.url + "/r", *policies)
+    assert metrics.value("resilient.requests", key=server.url, policy="retry", status=200) == 2
+    assert metrics.value("resilient.requests") == 2
 
 
-async def test_each_wire_attempt_is_counted_by_the_inner_policy(server, session, metrics):
+async def test_a_retried_call_is_counted_once_with_its_final_status(server, session, metrics):
     server.script("/r", 503)
-    await fetch(session, server.url + "/r", quick_retry(), resilient.Throttle(1000.0, burst=10))
-    assert metrics.value("resilient.requests", policy="retry") == 1
-    assert metrics.value("resilient.requests", policy="throttle", status=503) == 1
-    assert metrics.value("resilient.requests", policy="throttle", status=200) == 1
+    await fetch(session, server.url + "/r", quick_retry(), resilient.Throttle(1e3, burst=10))
+    assert metrics.value("resilient.requests", policy="retry", status=200) == 1
+    assert metrics.value("resilient.requests") == 1
+    assert metrics.value("resilient.retries") == 1
+
+
+async def test_a_call_through_one_policy_is_counted_by_it(server, session, metrics):
+    await fetch(session, server.url + "/r", resilient.Throttle(1e3, burst=10))
+    assert metrics.value("resilient.requests", key=server.url, policy="throttle", status=200) == 1
 
 
 async def test_a_request_that_raises_is_counted_with_the_exception_name(server, session, metrics):

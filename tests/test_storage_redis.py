@@ -17,12 +17,12 @@ from aiohttp import web
 from conftest import ScriptedServer
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis_server import RedisServer
 
 import resilient
 from resilient import CircuitBreaker, CircuitOpenError, RateLimitBackoff, StorageError, Throttle
 from resilient._quota import NAMESPACE
 from resilient.storage._redis import STORAGE_TIMEOUT, RedisStore
+from resilient.testing import RedisServer
 
 PASSWORD = "hunter2-secret"
 

@@ -184,7 +184,9 @@ class TokenRefresh(Policy):
         if task is None:
             if self._generation != generation and self._auth:
                 return self._auth  # refreshed after this request was sent
-            task = self._inflight = asyncio.ensure_future(self._run_refresh(request))
+            task = self._inflight = asyncio.get_running_loop().create_task(
+                self._run_refresh(request), context=_metrics.fresh_context()
+            )
             task.add_done_callback(_retrieve)
         try:
             return await asyncio.shield(task)

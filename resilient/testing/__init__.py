@@ -25,12 +25,16 @@ pytest fixtures (registered by the ``resilient`` pytest plugin, needing pytest-a
     ``api = await simulated_api_factory(**kwargs)`` starts a ``SimulatedAPI(**kwargs)``;
     every one is closed after the test. Use it for time-dependent set-ups (``outages``)
     in ``looptime`` tests, since fixtures run before virtual time starts.
+
+:class:`RedisServer` runs a real ``redis-server`` on a free loopback port (persistence
+off) for tests of shared storage; :func:`find_redis_server` locates the binary.
 """
 
 from __future__ import annotations
 
 from ._api import DROPPED, FAULTS, LogEntry, SimulatedAPI
 from ._faults import FAULT_HEADER, FaultInjection
+from ._redis import RedisServer, find_redis_server
 
 __all__ = [
     "DROPPED",
@@ -38,5 +42,7 @@ __all__ = [
     "FAULT_HEADER",
     "FaultInjection",
     "LogEntry",
+    "RedisServer",
     "SimulatedAPI",
+    "find_redis_server",
 ]
