@@ -122,6 +122,18 @@ class Balance:
         retries = self._past_retries + self._retries_now
         return firsts, retries, max(0.0, self._ratio * firsts + self._reserve - retries)
 
+    def refund(self, then: float) -> None:
+        """Un-count one retry that :meth:`withdraw` counted at loop time ``then`` but that
+        was never sent (its caller was cancelled during the wait); a no-op once ``then``
+        has left the window."""
+        tick = math.floor(then)
+        steps = self._tick - tick
+        if steps == 0 and self._retries_now > 0:
+            self._retries_now -= 1
+        elif 0 < steps < BUCKETS and self._retries[tick % BUCKETS] > 0:
+            self._retries[tick % BUCKETS] -= 1
+            self._past_retries -= 1
+
     def _advance(self, now: float) -> None:
         """Close the current bucket and open the one holding ``now``."""
         tick = math.floor(now)

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from yarl import URL
 
@@ -50,7 +50,7 @@ EventKind = Literal[
     "token_refreshed",
     "reauthorize",
 ]
-EVENT_KINDS: frozenset[str] = frozenset(EventKind.__args__)  # type: ignore[attr-defined]
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 """Every event kind (see :data:`EventKind`)."""
 WAIT_KINDS: frozenset[str] = frozenset({"retry_scheduled", "rate_limited", "throttled"})
 """Kinds that announce a wait: logged by ``log_wait`` (INFO from one second up)."""
@@ -151,35 +151,42 @@ def emit(
     status: int | None = None,
     reason: str = "",
 ) -> None:
-    """Log one decision and send it to the hooks (cheap when nobody listens)."""
+    """Log one decision and send it to the hooks (cheap when nobody listens).
+
+    A wait (``retry_scheduled``, ``rate_limited``, ``throttled``) is logged by
+    ``log_wait`` with the event's ``until``; any other decision at DEBUG.
+    """
     hooks = _hooks
-    wait = delay is not None and kind in WAIT_KINDS
-    debug = logger.isEnabledFor(logging.DEBUG)
-    if not hooks:
-        if wait:
-            assert delay is not None
-            log_wait(policy, reason or kind, key, delay)
-        if not debug or wait:
-            return
-    event = Event(
-        kind,
-        key,
-        policy,
-        "" if message is None else message.method,
-        "" if message is None else safe_url(message.url),
-        attempt,
-        delay,
-        None if delay is None else _clock.wall_after(delay),
-        status,
-        reason,
-    )
-    if wait and hooks:
-        assert delay is not None
-        log_wait(policy, reason or kind, key, delay, event.until)
-    elif debug:
+    wait = delay if kind in WAIT_KINDS else None  # the seconds of a wait to log
+    if not hooks:  # build nothing unless a line is logged
+        if wait is not None:
+            log_wait(policy, reason or kind, key, wait)
+        elif logger.isEnabledFor(logging.DEBUG):
+            event = _event(kind, policy, key, message, attempt, delay, status, reason)
+            logger.debug("%s", describe(event))
+        return
+    event = _event(kind, policy, key, message, attempt, delay, status, reason)
+    if wait is not None:
+        log_wait(policy, reason or kind, key, wait, event.until)
+    elif logger.isEnabledFor(logging.DEBUG):
         logger.debug("%s", describe(event))
     for hook in hooks:
         _call(hook, event)
+
+
+def _event(
+    kind: EventKind,
+    policy: str,
+    key: str,
+    message: _Message | None,
+    attempt: int,
+    delay: float | None,
+    status: int | None,
+    reason: str,
+) -> Event:
+    method, url = ("", "") if message is None else (message.method, safe_url(message.url))
+    until = None if delay is None else _clock.wall_after(delay)
+    return Event(kind, key, policy, method, url, attempt, delay, until, status, reason)
 
 
 def describe(event: Event) -> str:

@@ -6,6 +6,7 @@ is re-sent only when the outcome proves the server did not process it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable
 
@@ -236,7 +237,7 @@ class Retry(Policy):
                 made, why = attempt, "server delay beyond max_delay"
                 break
             if delay > _deadline.allowance(request, started):
-                _gave_up(request, key, attempt, resp, "deadline")
+                _gave_up(request, key, attempt, resp, exc, "deadline")
                 if resp is None:
                     raise DeadlineExceeded(
                         f"retry: the next attempt ({delay:.3f}s away) would start after"
@@ -244,14 +245,15 @@ class Retry(Policy):
                     ) from exc
                 return resp
             if not body_replayable(request):
-                _gave_up(request, key, attempt, resp, "body not replayable")
+                _gave_up(request, key, attempt, resp, exc, "body not replayable")
                 if resp is not None:
                     resp.release()
                 raise BodyNotReplayable(
                     f"retry: {reason} needs the request sent again, but its body was a"
                     " one-shot stream that was already read"
                 ) from exc
-            if self._balance is not None and not self._balance.withdraw(_clock.now()):
+            withdrawn = _clock.now()
+            if self._balance is not None and not self._balance.withdraw(withdrawn):
                 made, why = attempt, "retry budget exhausted"
                 break
             status = None if resp is None else resp.status
@@ -262,14 +264,14 @@ class Retry(Policy):
                 attempt=attempt, delay=delay, status=status, reason=reason,
             )  # fmt: skip
             with _metrics.waiting("retry", key, status):
-                await _clock.sleep(delay)
+                await _backoff_sleep(self._balance, withdrawn, delay)
             try:
                 resp, exc = await handler(request), None
             except aiohttp.ClientError as error:
                 resp, exc = None, error
             if resp is not None and resp.status not in self._statuses:
                 return resp
-        _gave_up(request, key, made, resp, why)
+        _gave_up(request, key, made, resp, exc, why)
         return _give_up(resp, exc)
 
     def _reason(
@@ -285,6 +287,17 @@ class Retry(Policy):
         if status in _NOT_PROCESSED_STATUSES or is_idempotent(request):
             return f"status {status}"
         return None
+
+
+async def _backoff_sleep(balance: Balance | None, withdrawn: float, delay: float) -> None:
+    """Sleep ``delay``; a caller cancelled meanwhile never sends its retry, so the retry
+    counted at ``withdrawn`` goes back to the budget."""
+    try:
+        await _clock.sleep(delay)
+    except asyncio.CancelledError:
+        if balance is not None:
+            balance.refund(withdrawn)
+        raise
 
 
 def _wait_time(resp: ClientResponse | None, backoff: float, max_delay: float) -> float | None:
@@ -303,10 +316,17 @@ def _clamp(delay: float, max_delay: float) -> float:
 
 
 def _gave_up(
-    request: ClientRequest, key: str, attempts: int, resp: ClientResponse | None, why: str
+    request: ClientRequest,
+    key: str,
+    attempts: int,
+    resp: ClientResponse | None,
+    exc: BaseException | None,
+    why: str,
 ) -> None:
-    """Emit ``retry_gave_up``: ``attempts`` made, the last status (if any), and why."""
+    """Emit ``retry_gave_up``: ``attempts`` made, the last status or error, and why."""
     status = None if resp is None else resp.status
+    if resp is None and exc is not None:
+        why = f"{why} ({type(exc).__name__})"
     _events.emit(
         "retry_gave_up", "retry", key, request, attempt=attempts, status=status, reason=why
     )

@@ -177,6 +177,20 @@ async def test_throttle_waits_are_measured(server, session, metrics):
     assert metrics.value("resilient.waiting", policy="throttle") == 0
 
 
+@pytest.mark.looptime
+async def test_a_cancelled_waiter_is_no_longer_counted_as_waiting(server, session, metrics):
+    throttle = resilient.Throttle(0.01)
+    await fetch(session, server.url + "/r", throttle)
+    call = asyncio.create_task(fetch(session, server.url + "/r", throttle))
+    await asyncio.sleep(1.0)
+    assert metrics.value("resilient.waiting", policy="throttle") == 1
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert metrics.value("resilient.waiting", policy="throttle") == 0
+    assert metrics.value("resilient.requests", status="CancelledError") == 1
+
+
 # --- instrumenting --------------------------------------------------------------------
 
 

@@ -380,3 +380,22 @@ async def test_a_breaker_opened_here_is_open_in_another_process(server, redis_ur
     outcomes = await _workers("breaker", server.url + "/down", redis_url, 3, 1)
     assert outcomes == [["CircuitOpenError"] * 3]
     assert server.count("/down") == 2
+
+
+async def test_a_shared_breaker_emits_its_transitions_and_rejections(server, redis_url):
+    server.default("/down", 503)
+    seen: list[resilient.Event] = []
+    remove = resilient.add_hook(seen.append)
+    try:
+        breaker = CircuitBreaker(min_calls=2, open_for=60.0, storage=redis_url)
+        async with aiohttp.ClientSession(middlewares=(breaker,)) as session:
+            assert [await _get(session, server.url + "/down") for _ in range(3)] == [
+                503,
+                503,
+                "CircuitOpenError",
+            ]
+    finally:
+        remove()
+    kinds = [e.kind for e in seen if e.policy == "circuit_breaker"]
+    assert kinds == ["circuit_opened", "circuit_rejected"]
+    assert seen[-1].url == server.url + "/down"

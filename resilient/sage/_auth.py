@@ -191,6 +191,9 @@ class TokenRefresh(Policy):
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            sent = request.headers.get(hdrs.AUTHORIZATION)
+            if sent is not None:  # no caller may survive to mark the token replaced
+                task.add_done_callback(lambda done: self._replaced(done, sent))
             raise
         except Exception as exc:
             raise TokenRefreshError(
@@ -214,6 +217,11 @@ class TokenRefresh(Policy):
             return auth
         finally:
             self._inflight = None
+
+    def _replaced(self, refresh: asyncio.Future[str], sent: str) -> None:
+        """After a refresh a cancelled caller waited for: ``sent`` is stale if it succeeded."""
+        if not refresh.cancelled() and refresh.exception() is None and refresh.result() != sent:
+            self._mark_stale(sent)
 
     def _mark_stale(self, value: str) -> None:
         """Remember ``value`` as replaced (bounded by :data:`MAX_STALE_TOKENS`)."""

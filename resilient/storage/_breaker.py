@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from .. import _clock
+from .. import _clock, _events
 from .._breaker import is_failure
 from .._errors import CircuitOpenError, StorageError
 from .._log import human_duration, logger
@@ -73,10 +73,12 @@ class SharedCircuits:
             return await self._fallback(request, handler)
         verdict, epoch = int(admitted[0]), int(admitted[1])
         if verdict < 0:
-            raise CircuitOpenError(key, float(admitted[2]))
+            retry_after = float(admitted[2])
+            _events.emit("circuit_rejected", _KIND, key, request, delay=retry_after, reason="open")
+            raise CircuitOpenError(key, retry_after)
         probe = verdict == 1
         if probe and admitted[2]:
-            _log_half_open(key, _text(admitted[2]) == "half_open_again")
+            _half_open(key, _text(admitted[2]) == "half_open_again")
         try:
             resp = await handler(request)
         except BaseException as exc:
@@ -106,9 +108,9 @@ class SharedCircuits:
         transition = _text(reply[1]) if len(reply) > 1 else ""
         if transition == "opened":
             fails, calls = (int(reply[2]), int(reply[3])) if len(reply) > 3 else (0, 0)
-            _log_opened(key, fails, calls, self._settings[2])
+            _opened(key, fails, calls, self._settings[2])
         elif transition == "closed":
-            _log_closed(key, int(self._settings[3]))
+            _closed(key, int(self._settings[3]))
 
     async def _run(self, key: str, op: str, *args: int) -> Any:
         return await self._store.run(
@@ -120,9 +122,10 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _log_opened(key: str, fails: int, calls: int, open_for: float) -> None:
+def _opened(key: str, fails: int, calls: int, open_for: float) -> None:
+    why = f"{fails} of {calls} calls failed" if calls else "a probe failed"
+    _events.emit("circuit_opened", _KIND, key, delay=open_for, reason=why)
     if logger.isEnabledFor(logging.WARNING):
-        why = f"{fails} of {calls} calls failed" if calls else "a probe failed"
         logger.warning(
             "circuit_breaker: opened on %s (%s, shared); failing fast for %s, half-open at %s",
             key,
@@ -132,12 +135,15 @@ def _log_opened(key: str, fails: int, calls: int, open_for: float) -> None:
         )
 
 
-def _log_half_open(key: str, overdue: bool) -> None:
+def _half_open(key: str, overdue: bool) -> None:
+    reason = "probes overdue" if overdue else "open_for elapsed"
+    _events.emit("circuit_half_open", _KIND, key, reason=reason)
     if logger.isEnabledFor(logging.INFO):
         again = " again (the probes in flight are overdue)" if overdue else ""
         logger.info("circuit_breaker: half-open on %s%s (shared)", key, again)
 
 
-def _log_closed(key: str, probes: int) -> None:
+def _closed(key: str, probes: int) -> None:
+    _events.emit("circuit_closed", _KIND, key, reason="probes succeeded")
     if logger.isEnabledFor(logging.INFO):
         logger.info("circuit_breaker: closed on %s (%d probe(s) succeeded, shared)", key, probes)
