@@ -8,6 +8,7 @@ floors against ``Retry-After: 0`` hot loops.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import tenacity
@@ -34,9 +35,12 @@ def test_capped_doubling_is_the_doubling_step_up_to_the_cap(base, span, exponent
 @given(BASES, SPANS, EXPONENTS, st.integers(0, 10**6))
 def test_capped_doubling_never_shrinks_as_the_exponent_grows(base, span, exponent, more):
     cap = base * span
-    assert base <= capped_doubling(base, cap, exponent) <= capped_doubling(
-        base, cap, exponent + more
-    ) <= cap
+    assert (
+        base
+        <= capped_doubling(base, cap, exponent)
+        <= capped_doubling(base, cap, exponent + more)
+        <= cap
+    )
 
 
 @given(BASES, SPANS, st.floats(0.0, 1.0))
@@ -112,5 +116,5 @@ def test_retry_after_zero_repeated_backs_off_from_a_doubling_floor(strikes, base
     cap = base * span
     waits = [backoff_delay(0.0, n, base=base, cap=cap) for n in range(2, strikes + 1)]
     assert waits[0] == base
-    assert all(a <= b for a, b in zip(waits, waits[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(waits))
     assert waits[-1] == capped_doubling(base, cap, strikes - 2)

@@ -171,7 +171,5 @@ class CircuitMachine(RuleBasedStateMachine):
             assert self.circuit.until == self.until
 
 
-CircuitMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
-)
+CircuitMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_circuit_follows_its_state_machine = CircuitMachine.TestCase

@@ -19,6 +19,7 @@ from aiohttp import web
 
 import resilient
 from resilient import sage
+from resilient._budget import Balance
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -271,6 +272,23 @@ async def test_retry_cancelled_in_its_backoff_does_not_spend_the_budget(server):
         assert await status(s, server.url + "/b") == 200  # its retry is covered
     assert server.count("/a") == 1
     assert server.count("/b") == 2
+
+
+@pytest.mark.parametrize(
+    "refund_at",
+    [0.5, 3.5, 12.5],
+    ids=["same second", "older bucket in the window", "after the window"],
+)
+def test_budget_refund_gives_back_exactly_the_withdrawn_retry(refund_at):
+    """One retry of reserve, withdrawn at 0.5 s and refunded when the clock reads
+    ``refund_at``: exactly one retry is available again (inside the window thanks to the
+    refund; after it because the bucket left, and the late refund adds nothing)."""
+    balance = Balance(one_retry_budget())
+    assert balance.withdraw(0.5)
+    balance.deposit(refund_at)  # the clock moves on
+    balance.refund(0.5)
+    assert balance.withdraw(refund_at) is True
+    assert balance.withdraw(refund_at) is False
 
 
 @pytest.mark.looptime

@@ -37,7 +37,9 @@ ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=30
 
 
 def _contract(result: float | None) -> bool:
-    return result is None or (isinstance(result, float) and result >= 0.0 and not math.isnan(result))
+    if result is None:
+        return True
+    return isinstance(result, float) and result >= 0.0 and not math.isnan(result)
 
 
 # --- totality over any code point -----------------------------------------------

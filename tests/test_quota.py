@@ -186,10 +186,10 @@ async def test_a_cancelled_attempt_still_takes_its_slot_when_it_ends(server, cli
     loop = asyncio.get_running_loop()
     caller = asyncio.create_task(get(client, server.url + "/hang", throttle))
     await asyncio.sleep(0.1)  # it reached the server
+    ended = loop.time()  # its slot is taken at or after this instant
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
-    ended = loop.time()
     async with asyncio.timeout(3.0):  # a request left counted in flight would block the key
         assert await get(client, server.url + "/next", throttle) == 200
     # its slot counts from the cancellation (it may have been served): the next one

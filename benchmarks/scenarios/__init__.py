@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import day, flaky, inprocess, outage, overhead, quota, scale, storm
+from . import day, flaky, inprocess, outage, overhead, quota, scale, shared, storm
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (overhead, inprocess, quota, storm, flaky, outage, day, scale)
+    for module in (overhead, inprocess, quota, storm, flaky, outage, day, scale, shared)
 }
 
 __all__ = ["SCENARIOS"]

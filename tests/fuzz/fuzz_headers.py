@@ -50,7 +50,7 @@ def check(data: bytes) -> None:
     _expect(parse_ratelimit(value), "parse_ratelimit", value)
     _expect(parse_reset(value, now=now), "parse_reset", value)
     parts = value.split("\n", len(HEADERS) - 1)
-    for headers in [{name: value} for name in HEADERS] + [dict(zip(HEADERS, parts))]:
+    for headers in [{name: value} for name in HEADERS] + [dict(zip(HEADERS, parts, strict=False))]:
         hint = retry_hint(headers, now=now)
         if hint is not None:
             delay, name = hint

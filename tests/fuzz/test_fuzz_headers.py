@@ -35,8 +35,18 @@ SEEDS = sorted(CORPUS.iterdir())
 
 def test_the_seed_corpus_covers_every_header_form():
     names = {seed.name for seed in SEEDS}
-    for prefix in ("retry_after_", "imf_fixdate", "rfc850_date", "asctime_date", "ratelimit_",
-                   "reset_epoch_s", "reset_epoch_ms", "nan", "unicode_", "invalid_utf8"):
+    for prefix in (
+        "retry_after_",
+        "imf_fixdate",
+        "rfc850_date",
+        "asctime_date",
+        "ratelimit_",
+        "reset_epoch_s",
+        "reset_epoch_ms",
+        "nan",
+        "unicode_",
+        "invalid_utf8",
+    ):
         assert any(name.startswith(prefix) for name in names), prefix
 
 
@@ -50,8 +60,7 @@ HEADERISH = st.one_of(
     st.text(max_size=300).map(lambda s: s.encode("utf-8", "surrogatepass")),
     st.lists(
         st.sampled_from(
-            ["0", "9", "1", ".", "-", "+", "e", " ", ",", ";", "=", '"', "t", "r", "reset",
-             "remaining", "GMT", "Tue", "Nov", ":", "\n", "\x00", "1700000000", "99999"]
+            [*'0919.-+e ,;=":\n\x00tr', "reset", "remaining", "GMT", "Tue", "Nov", "1700000000"]
         ),
         max_size=40,
     ).map(lambda parts: "".join(parts).encode()),
@@ -96,5 +105,6 @@ def test_the_atheris_fuzzer_finds_no_crash_in_a_bounded_run(tmp_path):
         timeout=50,
         check=False,
     )
-    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-")))
-    assert run.returncode == 0 and not crashes, run.stderr[-3000:]
+    found = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-")))
+    assert not found, run.stderr[-3000:]
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -1,0 +1,345 @@
+"""Scenario 8: quota windows shared through Redis (``Throttle(storage="redis://...")``).
+
+a. Cost per request. ``Throttle(1e6, burst=10**6, quotas="1000000/minute")`` never
+   waits; it is called in-process as in 1b (aiohttp's ``build_client_middlewares``
+   around a handler returning a pre-fetched ``ClientResponse``), with
+   ``storage=<redis>`` and with ``storage="memory://"``. Redis cost = µs per call with
+   Redis − µs per call in memory, in units of the median loopback round trip (a
+   ``PING`` through the same redis-py client, timed one by one in the same rounds).
+   *Caller's path*: each call timed alone, its background landing drained before the
+   next (untimed). *Back-to-back*: n calls in a tight loop plus the drain of their
+   landings, divided by n (the landings' client CPU lands on the loop's time).
+b. Four OS processes share one quota. The benchmark process serves
+   ``SimulatedAPI(quota=(Q, 1 s))`` (real time); four workers
+   (``benchmarks/_shared_worker.py``) each send their GETs at once through
+   ``Throttle(rate=Q, burst=5, quotas="Q/second")`` + ``RateLimitBackoff``, both on
+   the shared Redis, or (baseline) both in memory, where each process believes it owns
+   the whole quota. Achieved rate / quota as in scenario 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.client_middlewares import build_client_middlewares
+
+from .._harness import Config, Progress, ScenarioResult, Target, median, run_real
+from .inprocess import _prefetch
+from .quota import _max_in_window
+
+NAME = "shared"
+TITLE = "8. Shared Redis storage: throttle cost per request, 4 processes on one quota"
+LIMIT = 300.0
+"""Wall seconds after which a hung part is cancelled (its scenario fails)."""
+COST_TARGET = 1.5
+"""Round trips: the Redis throttle's cost per request on the caller's path."""
+FIDELITY_TARGET = 0.95
+COST_QUOTAS = "1000000/minute"
+QUOTA = 100
+WINDOW = 1.0
+PROCESSES = 4
+PATH = "/contacts/1"
+READY_TIMEOUT = 60.0
+"""Seconds a worker process may take to import, connect and say ``ready``."""
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cost_sizes(cfg: Config) -> tuple[int, int]:
+    """(rounds, calls per measurement)."""
+    return cfg.pick((3, 1_000), (7, 3_000), tiny=(1, 200))
+
+
+def _per_process(cfg: Config) -> int:
+    return int(cfg.pick(50, 100, tiny=15))
+
+
+def units(cfg: Config) -> float:
+    rounds, _ = _cost_sizes(cfg)
+    return float(rounds + 2)
+
+
+# --- a. cost per request ---------------------------------------------------------------
+
+
+async def _tight(handler: ClientHandlerType, req: ClientRequest, n: int, drain: Any) -> float:
+    """µs per call of ``n`` calls back to back, the drain of their landings included."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await handler(req)
+    if drain is not None:
+        await drain()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+async def _paced(handler: ClientHandlerType, req: ClientRequest, n: int, drain: Any) -> float:
+    """Median µs of one call, each timed alone, its landing drained (untimed) before the next."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await handler(req)
+        times.append(time.perf_counter() - t0)
+        if drain is not None:
+            await drain()
+    return statistics.median(times) * 1e6
+
+
+async def _round_trip(call: Any, n: int) -> float:
+    """Median µs of ``await call()``, each timed alone."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+async def _commands(conn: Any) -> tuple[int, int]:
+    """(commands processed, EVALSHA calls) so far: Redis's own counters (each INFO counts)."""
+    stats = await conn.info("stats")
+    evalsha = (await conn.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    return int(stats["total_commands_processed"]), int(evalsha)
+
+
+async def _cost(redis_url: str, cfg: Config, progress: Progress) -> dict[str, Any]:
+    import resilient
+    from resilient.testing import SimulatedAPI
+
+    rounds, n = _cost_sizes(cfg)
+    async with SimulatedAPI(quota=None) as api:
+        req, resp = await _prefetch(api.url + PATH)
+
+    async def bare(_: ClientRequest) -> ClientResponse:
+        return resp
+
+    memory = resilient.Throttle(1e6, burst=10**6, quotas=COST_QUOTAS, storage="memory://")
+    shared = resilient.Throttle(1e6, burst=10**6, quotas=COST_QUOTAS, storage=redis_url)
+    quotas: Any = shared._quotas  # private: benchmark plumbing (drain, the connection)
+    conn = quotas._store.limits.bridge.get_connection()
+    trivial = conn.register_script("return 1")
+    on_memory = build_client_middlewares(bare, (memory,))
+    on_redis = build_client_middlewares(bare, (shared,))
+    times: dict[str, list[float]] = {
+        k: [] for k in ("ping", "evalsha", "memory", "memory tight", "redis", "redis tight")
+    }
+    try:
+        for handler in (on_memory, on_redis):  # warm-up (connection, scripts loaded)
+            await _tight(handler, req, 200, quotas.drain)
+        await trivial()
+        before = await _commands(conn)
+        for _ in range(rounds):  # the Throttle's own commands only, counted by Redis
+            await _paced(on_redis, req, n, quotas.drain)
+            await _tight(on_redis, req, n, quotas.drain)
+        after = await _commands(conn)
+        calls = 2 * rounds * n
+        commands = (after[0] - before[0] - 2) / calls  # minus the second pair of INFOs
+        scripts = (after[1] - before[1]) / calls
+        for r in range(rounds):
+            progress.set_label(f"shared: cost, round {r + 1}/{rounds}")
+            gc.collect()
+            times["ping"].append(await _round_trip(conn.ping, n))
+            times["evalsha"].append(await _round_trip(trivial, n))
+            times["memory"].append(await _paced(on_memory, req, n, None))
+            times["redis"].append(await _paced(on_redis, req, n, quotas.drain))
+            times["memory tight"].append(await _tight(on_memory, req, n, None))
+            times["redis tight"].append(await _tight(on_redis, req, n, quotas.drain))
+            progress.advance()
+    finally:
+        await quotas.drain()  # no landing may outlive the connection (or the server)
+        await quotas._store.close()
+    return {"times": times, "commands": commands, "scripts": scripts}
+
+
+def _cost_rows(measured: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float]:
+    """The rows of part a, the caller's-path ratio and the back-to-back ratio."""
+    t = {name: median(values) for name, values in measured["times"].items()}
+    rtt = t["ping"]
+    path = (t["redis"] - t["memory"]) / rtt
+    tight = (t["redis tight"] - t["memory tight"]) / rtt
+    rows = [
+        {"row": "Redis round trip: PING (redis-py)", "µs/req": rtt, "round trips": 1.0},
+        {"row": "Redis round trip: EVALSHA 'return 1'", "µs/req": t["evalsha"],
+         "round trips": t["evalsha"] / rtt},
+        {"row": "Throttle(quotas), memory://", "µs/req": t["memory"]},
+        {"row": "Throttle(quotas), Redis: caller's path", "µs/req": t["redis"],
+         "round trips": path, "Redis cmds/req": measured["commands"]},
+        {"row": "Throttle(quotas), memory://, back-to-back", "µs/req": t["memory tight"]},
+        {"row": "Throttle(quotas), Redis, back-to-back", "µs/req": t["redis tight"],
+         "round trips": tight, "Redis cmds/req": measured["commands"]},
+    ]
+    return rows, path, tight
+
+
+# --- b. four processes, one quota ------------------------------------------------------
+
+
+async def _spawn(url: str, storage: str, count: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks._shared_worker", url, storage, str(QUOTA),
+        str(count), cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _ready(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)
+    if line.strip() != b"ready":
+        raise RuntimeError(f"worker did not start: {await _stderr(proc)}")
+
+
+async def _stderr(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stderr is not None
+    return (await proc.stderr.read()).decode(errors="replace")[-500:]
+
+
+async def _result(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker exited {proc.returncode}: {err.decode()[-500:]}")
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+async def _share(storage: str, count: int) -> dict[str, Any]:
+    """Four workers against one SimulatedAPI, started together."""
+    from resilient.testing import SimulatedAPI
+
+    async with SimulatedAPI(quota=(QUOTA, WINDOW), retry_after="seconds") as api:
+        procs = [await _spawn(api.url + PATH, storage, count) for _ in range(PROCESSES)]
+        try:
+            await asyncio.gather(*(_ready(p) for p in procs))
+            t0 = asyncio.get_running_loop().time()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write(b"go\n")
+                await proc.stdin.drain()
+            results = await asyncio.gather(*(_result(p) for p in procs))
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        arrivals = [(entry.time - t0, entry.status) for entry in api.log]
+    return {"results": results, "arrivals": arrivals}
+
+
+def _share_row(label: str, total: int, measured: dict[str, Any]) -> dict[str, Any]:
+    results, arrivals = measured["results"], measured["arrivals"]
+    statuses = [s for r in results for s in r["statuses"]]
+    ok = sum(isinstance(s, int) and 200 <= s < 300 for s in statuses)
+    elapsed = max(e for r in results for e in r["ends"]) - min(r["started"] for r in results)
+    return {
+        "row": label,
+        "ok": ok,
+        "failed": total - ok,
+        "429s received": sum(status == 429 for _, status in arrivals),
+        "max in any 1 s": _max_in_window(arrivals),
+        "time s": elapsed,
+        "ideal s": (math.ceil(total / QUOTA) - 1) * WINDOW,
+        "rate / quota": ok / elapsed / (QUOTA / WINDOW) if ok == total and elapsed else None,
+    }
+
+
+# --- the scenario ----------------------------------------------------------------------
+
+
+COLUMNS = [
+    "row", "µs/req", "round trips", "Redis cmds/req", "ok", "failed", "429s received",
+    "max in any 1 s", "time s", "ideal s", "rate / quota",
+]
+
+
+def _not_run(reason: str) -> ScenarioResult:
+    return ScenarioResult(
+        name=NAME,
+        title=TITLE,
+        setup="needs redis-server (Debian: apt-get install redis-server; `make redis`)",
+        columns=["status", "reason"],
+        rows=[{"status": "not run", "reason": reason}],
+        targets=[
+            Target("Redis-backed throttle cost", f"≤ {COST_TARGET:g} round trips", "not run",
+                   None, reason),
+            Target("4 processes on one quota: 429s", "0", "not run", None, reason),
+        ],
+    )
+
+
+def run(cfg: Config, progress: Progress) -> ScenarioResult:
+    from resilient.testing import RedisServer, find_redis_server
+
+    binary = find_redis_server()
+    if binary is None:
+        return _not_run("redis-server not found on PATH or in /usr/bin, /usr/sbin")
+    server = RedisServer(binary)
+    server.start()
+    try:
+        cost = run_real(_cost(server.url, cfg, progress), LIMIT)
+        count = _per_process(cfg)
+        total = PROCESSES * count
+        share: dict[str, dict[str, Any]] = {}
+        for label, storage in (("memory://", "memory://"), ("Redis", server.url)):
+            progress.set_label(f"shared: {PROCESSES} processes, {label}")
+            server.flush()
+            share[label] = run_real(_share(storage, count), LIMIT)
+            progress.advance()
+    finally:
+        server.stop()
+    rows, path, tight = _cost_rows(cost)
+    memory_row = _share_row(f"{PROCESSES} processes, memory:// (a quota each)", total,
+                            share["memory://"])
+    redis_row = _share_row(f"{PROCESSES} processes, one Redis quota", total, share["Redis"])
+    rows += [memory_row, redis_row]
+    fidelity = redis_row["rate / quota"] or 0.0
+    rtt = rows[0]["µs/req"]
+    return ScenarioResult(
+        name=NAME,
+        title=TITLE,
+        setup=(
+            f"a. Throttle(1e6, burst=10**6, quotas='{COST_QUOTAS}') in-process as in 1b, "
+            f"storage=redis:// vs memory://, {_cost_sizes(cfg)[0]} interleaved rounds x "
+            f"{_cost_sizes(cfg)[1]} sequential calls; round trip = median PING through the "
+            "same redis-py client, same rounds. Local redis-server (persistence off). "
+            f"b. {PROCESSES} worker processes x {count} concurrent GET {PATH} against "
+            f"SimulatedAPI(quota=({QUOTA}, {WINDOW:g} s)) in the benchmark process (real "
+            f"time); each: resilient.session(RateLimitBackoff(storage=S), Throttle(rate={QUOTA}"
+            f", burst=5, quotas='{QUOTA}/second', storage=S)), S = the Redis or memory://."
+        ),
+        columns=COLUMNS,
+        rows=rows,
+        targets=[
+            Target("Redis-backed throttle cost (caller's path)",
+                   f"≤ {COST_TARGET:g} round trips", f"{path:.2f} round trips", path <= COST_TARGET,
+                   f"Redis − memory = {path * rtt:.0f} µs, round trip (PING) {rtt:.0f} µs; "
+                   f"back-to-back {tight:.2f} round trips (background landings' CPU included)."),
+            Target(f"{PROCESSES} processes on one quota: 429s", "0",
+                   str(redis_row["429s received"]), redis_row["429s received"] == 0),
+            Target(f"{PROCESSES} processes on one quota: rate / quota",
+                   f"≥ {FIDELITY_TARGET:.0%}", f"{fidelity:.1%}",
+                   fidelity >= FIDELITY_TARGET and redis_row["ok"] == total),
+        ],
+        notes=[
+            "Caller's path: one round trip (the quota_board script) is all a request waits "
+            "for; its landing (the quota_land script, a second EVALSHA) runs in the "
+            "background after the response. Redis cmds/req counts both, as Redis counted "
+            "them (INFO total_commands_processed).",
+            "Back-to-back: nothing overlaps the landings, so their client-side CPU (redis-py "
+            "packing and parsing, the event loop's socket I/O: most of a loopback round "
+            "trip) is paid inside the loop. A real request's own network time overlaps it.",
+            "4 processes: time s runs from the start signal to the last response (worker "
+            "clocks, time.time()); rate / quota = ok / time / quota (ideal s: the fastest "
+            "schedule a moving window allows, (ceil(total/quota) − 1) windows). max in any "
+            f"1 s: most requests the server saw in any {WINDOW:g} s window (429s too).",
+        ],
+        series={"times_us": cost["times"], "quota": QUOTA, "window": WINDOW, "arrivals": {
+            label: value["arrivals"] for label, value in share.items()}},
+    )
