@@ -114,6 +114,7 @@ class Throttle(Policy):
     __slots__ = (
         "_adaptive",
         "_burst",
+        "_get",
         "_key",
         "_min_rate",
         "_quotas",
@@ -155,6 +156,7 @@ class Throttle(Policy):
             self._idle,
             _count("max_keys", max_keys),
         )
+        self._get = self._states.get
 
     def _idle(self, state: _Key) -> bool:
         """Nothing to remember: no waiters, none in flight, a full bucket, the configured rate."""
@@ -201,8 +203,8 @@ class Throttle(Policy):
         key = self._key(request)
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
-        state = self._states.get_or_create(key)
-        now = _clock.now()
+        state = self._get(key) or self._states.get_or_create(key)
+        now = _clock.now_for(request)
         quotas = self._quotas
         if (
             state.waiters

@@ -1,0 +1,107 @@
+"""Behaviours no other test pinned down, found by mutation testing (see tests/README.md).
+
+Each test names the behaviour; the comment under it names the mutant it kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import aiohttp
+import pytest
+from aiohttp import ClientResponseError, RequestInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from resilient import CircuitOpenError, Retry
+from resilient._adaptive import DECREASE
+from resilient._breaker import CircuitBreaker, is_failure
+from resilient._throttle import Throttle
+
+
+def closed_port_url() -> str:
+    """A loopback URL nobody listens on (bind a port, then close it)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def response_error(status: int) -> ClientResponseError:
+    url = URL("http://127.0.0.1/")
+    info = RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+    return ClientResponseError(info, (), status=status)
+
+
+async def get(session: aiohttp.ClientSession, url: str, policy: object) -> int:
+    async with session.get(url, middlewares=(policy,)) as resp:  # type: ignore[arg-type]
+        await resp.read()
+        return resp.status
+
+
+# --- CircuitBreaker -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "failed"), [(499, False), (500, True), (501, True)])
+def test_a_raised_response_error_is_a_failure_from_500_up(status, failed):
+    # is_failure: `status >= 500` -> `> 500` / `>= 501`
+    assert is_failure(response_error(status)) is failed
+
+
+def test_the_state_of_a_key_never_seen_is_closed():
+    # CircuitBreaker.state: the "closed" literal for an unknown key
+    assert CircuitBreaker().state("http://never.example:80") == "closed"
+
+
+@pytest.mark.looptime
+async def test_a_probe_failing_on_the_network_reopens_the_circuit(client):
+    # CircuitBreaker.__call__: record(..., probe) -> record(..., None) on the exception path
+    url = closed_port_url()
+    cb = CircuitBreaker(min_calls=2, failure_ratio=0.5, window=10.0, open_for=30.0)
+    for _ in range(2):
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await get(client, url, cb)
+    assert cb.state(url) == "open"
+    await asyncio.sleep(30.0)  # the failures slid out of the window meanwhile
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await get(client, url, cb)  # the probe
+    assert cb.state(url) == "open"
+    with pytest.raises(CircuitOpenError) as refused:
+        await get(client, url, cb)
+    assert refused.value.retry_after == pytest.approx(30.0)
+
+
+# --- Retry --------------------------------------------------------------------------
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_a_network_failure_logs_the_failures_type(client, caplog):
+    # failure_reason: `type(exc).__name__` -> `type(None).__name__`
+    retry = Retry(attempts=2, backoff=lambda attempt: 1.0, budget=None)
+    caplog.set_level(logging.INFO, logger="resilient")
+    with pytest.raises(aiohttp.ClientConnectorError):
+        await get(client, closed_port_url(), retry)
+    assert "retry: ClientConnectorError on " in caplog.text
+
+
+# --- Throttle -----------------------------------------------------------------------
+
+
+def test_the_rate_of_a_key_never_seen_is_the_configured_rate():
+    # Throttle.current_rate: `state is None` -> `(state is None) and False`
+    assert Throttle(3.0).current_rate("http://never.example:80") == 3.0
+
+
+@pytest.mark.looptime
+async def test_after_a_cut_429s_of_requests_sent_together_cut_the_rate_once_more(server, client):
+    # Throttle._adapt: `state.cuts += 1` -> `state.cuts = 1`
+    throttle = Throttle(10.0, burst=10, adaptive=True)
+    server.script("/x", *[429] * 6)
+    assert await get(client, server.url + "/x", throttle) == 429
+    assert throttle.current_rate(server.url) == 10.0 * DECREASE
+    together = await asyncio.gather(*(get(client, server.url + "/x", throttle) for _ in range(5)))
+    assert together == [429] * 5
+    assert throttle.current_rate(server.url) == 10.0 * DECREASE * DECREASE
