@@ -330,7 +330,10 @@ class CircuitBreaker(Policy):
         return resp
 
     def stats(self) -> dict[str, CircuitStats]:
-        """A snapshot of every key's circuit (call it inside the event loop)."""
+        """A snapshot of every key's circuit (call it inside the event loop); with a Redis
+        storage, of the in-memory fallback's circuits."""
+        if self._shared is not None:
+            return self._shared.fallback.stats()
         now = _clock.now()
         return {key: _snapshot(circuit, now) for key, circuit in self._circuits.items()}
 

@@ -60,6 +60,11 @@ class SharedCircuits:
         self._fallback = fallback
         self._on_error = on_error
 
+    @property
+    def fallback(self) -> CircuitBreaker:
+        """The in-memory breaker used while Redis fails (``on_storage_error="allow"``)."""
+        return self._fallback
+
     async def call(
         self, key: str, request: ClientRequest, handler: ClientHandlerType
     ) -> ClientResponse:
