@@ -16,9 +16,7 @@ from redis_server import new_redis_server
 from resilient.testing import RedisServer
 
 # Shared, noisy 2-core machines: no per-example deadline; the pytest-timeout bounds each test.
-settings.register_profile(
-    "resilient", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("resilient", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("resilient")
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -129,3 +127,38 @@ def redis_server() -> Iterator[RedisServer]:
         yield redis
     finally:
         redis.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(redis_server_session: RedisServer) -> Iterator[str]:
+    """A three-master Redis Cluster on loopback (``redis-cli --cluster create``)."""
+    import shutil
+    import subprocess
+
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.fail("redis-cli not found (it comes with Debian's redis-server)")
+    nodes = [RedisServer(redis_server_session.binary, cluster=True) for _ in range(3)]
+    for node in nodes:
+        node.start()
+    try:
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        for node in nodes:
+            node.wait_for_cluster(cli)
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    finally:
+        for node in nodes:
+            node.stop()

@@ -15,7 +15,7 @@ from aiohttp import ClientResponseError, RequestInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from resilient import CircuitOpenError, Retry
+from resilient import BodyNotReplayable, CircuitOpenError, Retry
 from resilient._adaptive import DECREASE
 from resilient._breaker import CircuitBreaker, is_failure
 from resilient._throttle import Throttle
@@ -85,6 +85,40 @@ async def test_a_retry_after_a_network_failure_logs_the_failures_type(client, ca
     with pytest.raises(aiohttp.ClientConnectorError):
         await get(client, closed_port_url(), retry)
     assert "retry: ClientConnectorError on " in caplog.text
+
+
+@pytest.mark.parametrize("statuses", [{100}, {599}, {100, 599}])
+def test_retry_statuses_accept_the_edges_of_100_to_599(statuses):
+    # _statuses: `100 <= s <= 599` -> `101 <= s` / `s < 599`
+    assert Retry(statuses=statuses).statuses == frozenset(statuses)
+
+
+@pytest.mark.parametrize("max_delay", [0, 0.5])
+def test_retry_max_delay_accepts_zero_and_fractions_of_a_second(max_delay):
+    # Retry.__init__: `0.0 <= max_delay` -> `1.0 <= max_delay`
+    assert Retry(max_delay=max_delay).max_delay == max_delay
+
+
+def test_retry_max_delay_that_is_not_a_number_names_the_argument():
+    # Retry.__init__: `isinstance(bool) or not isinstance(number)` -> `and` (a TypeError)
+    with pytest.raises(ValueError, match="Retry: max_delay must be"):
+        Retry(max_delay="300")  # type: ignore[arg-type]
+
+
+@pytest.mark.looptime
+async def test_a_response_discarded_for_an_unreplayable_body_frees_its_connection(server):
+    # Retry._retry: `if resp is not None: resp.release()` -> `if resp is None: ...`
+    async def body():
+        yield b"invoice"
+
+    server.script("/upload", 503)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+        retry = Retry(backoff=lambda attempt: 0.0, budget=None)
+        with pytest.raises(BodyNotReplayable) as raised:  # keeps the retry's frame alive
+            await session.post(server.url + "/upload", data=body(), middlewares=(retry,))
+        async with asyncio.timeout(5.0):
+            assert await get(session, server.url + "/next", retry) == 200
+        assert raised.value is not None
 
 
 # --- Throttle -----------------------------------------------------------------------

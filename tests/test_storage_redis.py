@@ -399,3 +399,32 @@ async def test_a_shared_breaker_emits_its_transitions_and_rejections(server, red
     kinds = [e.kind for e in seen if e.policy == "circuit_breaker"]
     assert kinds == ["circuit_opened", "circuit_rejected"]
     assert seen[-1].url == server.url + "/down"
+
+
+async def test_a_redis_cluster_shares_quota_pause_and_breaker(server, redis_cluster_url):
+    async def once(request: web.Request) -> web.Response:
+        return _limited_once(1)
+
+    server.script("/p", once)
+    server.default("/down", 503)
+    url = redis_cluster_url
+    chain = (
+        CircuitBreaker(min_calls=2, open_for=60.0, storage=url),
+        RateLimitBackoff(storage=url),
+        Throttle(1000.0, burst=100, quotas="3/second", storage=url),
+    )
+    other = CircuitBreaker(min_calls=2, open_for=60.0, storage=url)
+    async with aiohttp.ClientSession(middlewares=chain) as session:
+        first = asyncio.ensure_future(_get(session, server.url + "/p"))
+        while server.count("/p") < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # paused in the cluster now
+        rest = await asyncio.gather(*(_get(session, server.url + "/p") for _ in range(4)))
+        assert [await first, *rest] == [200] * 5
+        p_times = [x.time for x in server.arrivals if x.path == "/p"]
+        assert min(p_times[1:]) >= p_times[0] + 0.95  # the pause held everyone
+        assert _most_in_any_window(p_times, 1.0) <= 3  # the quota too
+        for _ in range(12):
+            await _get(session, server.url + "/down")
+    async with aiohttp.ClientSession(middlewares=(other,)) as session:
+        assert await _get(session, server.url + "/down") == "CircuitOpenError"

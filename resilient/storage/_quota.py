@@ -34,12 +34,14 @@ from .._quota import NAMESPACE, Quotas
 from . import OnStorageError
 from ._redis import KEY_PREFIX, RedisStore, tag
 
-__all__ = ["IN_FLIGHT_LEASE", "POLL", "SharedQuotas"]
+__all__ = ["IN_FLIGHT_LEASE", "KEY_CACHE", "POLL", "SharedQuotas"]
 
 IN_FLIGHT_LEASE = 300.0
 """Seconds, beyond the longest window, that a ticket of a request in flight lives."""
 POLL = 0.05
 """Seconds between two looks at a window full of other processes' requests in flight."""
+KEY_CACHE = 1024
+"""Policy keys whose Redis key names are kept built (the oldest is dropped first)."""
 
 
 class SharedQuotas(Quotas):
@@ -54,6 +56,7 @@ class SharedQuotas(Quotas):
         "_client",
         "_landing",
         "_lease",
+        "_names",
         "_on_error",
         "_seq",
         "_store",
@@ -68,6 +71,7 @@ class SharedQuotas(Quotas):
         self._seq = 0
         self._tickets: dict[str, deque[str]] = {}
         self._landing: set[asyncio.Task[None]] = set()
+        self._names: dict[str, list[str]] = {}
         windows: list[Any] = []
         for item in self._items:
             windows += [item.amount, item.get_expiry()]
@@ -75,11 +79,17 @@ class SharedQuotas(Quotas):
         self._lease = max(item.get_expiry() for item in self._items) + IN_FLIGHT_LEASE
 
     def _keys(self, key: str) -> list[str]:
-        prefixed = self._store.limits.bridge.prefixed_key
-        base = f"{KEY_PREFIX}:throttle/{tag(key)}"
-        return [f"{base}/flying"] + [
-            prefixed(item.key_for(NAMESPACE, tag(key))) for item in self._items
-        ]
+        """``key``'s in-flight set and window lists, built once (see :data:`KEY_CACHE`)."""
+        names = self._names.get(key)
+        if names is None:
+            if len(self._names) >= KEY_CACHE:
+                del self._names[next(iter(self._names))]
+            prefixed = self._store.limits.bridge.prefixed_key
+            base = f"{KEY_PREFIX}:throttle/{tag(key)}"
+            names = self._names[key] = [f"{base}/flying"] + [
+                prefixed(item.key_for(NAMESPACE, tag(key))) for item in self._items
+            ]
+        return names
 
     async def room(self, key: str, in_flight: int) -> tuple[float, str]:
         """Board in Redis (counted in flight there) or the wait; see the module docstring."""

@@ -30,13 +30,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (``+ 10000``) is free too."""
+    for _ in range(100):
+        port = _free_port()
+        if port + 10_000 <= 65_535:
+            try:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port + 10_000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1; ``stop()`` kills it, ``start()`` restarts
-    it on the same port (empty: persistence is off)."""
+    it on the same port (empty: persistence is off). ``cluster=True``: a Redis Cluster node
+    (its bus on ``port + 10000``), to be joined with ``redis-cli --cluster create``."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *, cluster: bool = False) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.cluster = cluster
+        self.port = _cluster_port() if cluster else _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="resilient-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -57,6 +73,7 @@ class RedisServer:
                 self._dir,
                 "--protected-mode",
                 "yes",
+                *(["--cluster-enabled", "yes"] if self.cluster else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -71,6 +88,21 @@ class RedisServer:
             except OSError:
                 time.sleep(0.02)
         raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def wait_for_cluster(self, cli: str, timeout: float = 20.0) -> None:
+        """Block until this node reports ``cluster_state:ok``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = subprocess.run(
+                [cli, "-p", str(self.port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
+            if "cluster_state:ok" in info:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis cluster node {self.port} never became ok")
 
     def stop(self) -> None:
         """Kill the server at once (no shutdown save), as a crash would."""
