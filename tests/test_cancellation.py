@@ -70,9 +70,7 @@ async def cancel(task: asyncio.Task[Any]) -> None:
 
 def one_connection(*middlewares: Any) -> aiohttp.ClientSession:
     """A session whose single pooled connection a leak would keep busy forever."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1), middlewares=middlewares
-    )
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), middlewares=middlewares)
 
 
 async def status(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
@@ -161,9 +159,7 @@ async def test_throttle_quota_cancelled_on_the_wire_takes_its_slot_and_lands(ser
 
 
 @pytest.mark.looptime
-async def test_throttle_quota_head_cancelled_waiting_for_a_landing_leaves_the_queue(
-    server, hold
-):
+async def test_throttle_quota_head_cancelled_waiting_for_a_landing_leaves_the_queue(server, hold):
     throttle = resilient.Throttle(1000.0, quotas="1/minute")
     server.default("/held", held(hold))
     async with aiohttp.ClientSession(middlewares=(throttle,)) as s:
@@ -374,8 +370,14 @@ class Tokens:
         if request.headers.get("Authorization") == valid:
             return web.Response(text="ok")
         return web.json_response(
-            [{"$severity": "error", "$dataCode": "AccessTokenExpiredError", "$message": "",
-              "$source": ""}],
+            [
+                {
+                    "$severity": "error",
+                    "$dataCode": "AccessTokenExpiredError",
+                    "$message": "",
+                    "$source": "",
+                }
+            ],
             status=401,
         )
 
@@ -395,8 +397,7 @@ async def test_refresh_cancelled_callers_leave_the_shared_refresh_to_finish(serv
     auth = sage.TokenRefresh(tokens.refresh)
     async with one_connection(auth) as s:
         callers = [
-            asyncio.create_task(status(s, server.url + "/r", headers=expired()))
-            for _ in range(3)
+            asyncio.create_task(status(s, server.url + "/r", headers=expired())) for _ in range(3)
         ]
         await until(lambda: server.count("/r") == 3)
         await asyncio.sleep(0.1)  # all three wait on the one refresh
@@ -445,8 +446,14 @@ async def test_reauthorize_cancelled_releases_the_401(server):
 
     async def revoked(request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            [{"$severity": "error", "$dataCode": "AuthorizationFailure", "$message": "",
-              "$source": ""}],
+            [
+                {
+                    "$severity": "error",
+                    "$dataCode": "AuthorizationFailure",
+                    "$message": "",
+                    "$source": "",
+                }
+            ],
             status=401,
         )
 

@@ -316,3 +316,19 @@ async def test_pause_ends_when_its_end_falls_between_clock_ticks(server):
         async with s.get(server.url) as resp:
             assert resp.status == 200
     assert server.count() == 2
+
+
+@pytest.mark.looptime
+async def test_simulated_api_restart_refuses_while_down_then_serves_on_the_same_port():
+    async with SimulatedAPI(quota=None) as api, aiohttp.ClientSession() as s:
+        url = api.url
+        api.inject("/contacts/1", "500")  # queued faults, like logs, survive a restart
+        restarting = asyncio.create_task(api.restart(downtime=5.0))
+        await asyncio.sleep(1.0)
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await s.get(url + "/contacts/1")
+        await restarting
+        async with s.get(url + "/contacts/1") as resp:
+            assert resp.status == 500
+    assert api.url == url
+    assert api.count("/contacts/1") == 1

@@ -11,7 +11,7 @@ import socket
 
 import aiohttp
 import pytest
-from aiohttp import ClientResponseError, RequestInfo
+from aiohttp import ClientResponseError, RequestInfo, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -111,7 +111,11 @@ async def test_a_response_discarded_for_an_unreplayable_body_frees_its_connectio
     async def body():
         yield b"invoice"
 
-    server.script("/upload", 503)
+    async def big_503(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=503, body=b"x" * (1 << 20))  # not buffered at once
+
+    server.script("/upload", big_503)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         retry = Retry(backoff=lambda attempt: 0.0, budget=None)
         with pytest.raises(BodyNotReplayable) as raised:  # keeps the retry's frame alive

@@ -51,6 +51,10 @@ PATH = "/contacts/1"
 READY_TIMEOUT = 60.0
 """Seconds a worker process may take to import, connect and say ``ready``."""
 ROOT = Path(__file__).resolve().parents[2]
+CHUNK = 50
+"""Calls per variant in turn: the variants are interleaved in chunks of this many."""
+COUNTED = 500
+"""Calls whose Redis commands are counted (Redis's INFO counters)."""
 
 
 def _cost_sizes(cfg: Config) -> tuple[int, int]:
@@ -59,7 +63,7 @@ def _cost_sizes(cfg: Config) -> tuple[int, int]:
 
 
 def _per_process(cfg: Config) -> int:
-    return int(cfg.pick(50, 100, tiny=15))
+    return int(cfg.pick(50, 100, tiny=30))
 
 
 def units(cfg: Config) -> float:
@@ -134,23 +138,25 @@ async def _cost(redis_url: str, cfg: Config, progress: Progress) -> dict[str, An
         for handler in (on_memory, on_redis):  # warm-up (connection, scripts loaded)
             await _tight(handler, req, 200, quotas.drain)
         await trivial()
+        counted = min(n, COUNTED)
         before = await _commands(conn)
-        for _ in range(rounds):  # the Throttle's own commands only, counted by Redis
-            await _paced(on_redis, req, n, quotas.drain)
-            await _tight(on_redis, req, n, quotas.drain)
+        await _paced(on_redis, req, counted, quotas.drain)  # the Throttle's commands only
         after = await _commands(conn)
-        calls = 2 * rounds * n
-        scripts = (after[1] - before[1]) / calls
-        inner = (after[0] - before[0] - 2) / calls - scripts  # minus the second pair of INFOs
+        scripts = (after[1] - before[1]) / counted
+        inner = (after[0] - before[0] - 2) / counted - scripts  # minus the 2 INFOs of before
         for r in range(rounds):
             progress.set_label(f"shared: cost, round {r + 1}/{rounds}")
             gc.collect()
-            times["ping"].append(await _round_trip(conn.ping, n))
-            times["evalsha"].append(await _round_trip(trivial, n))
-            times["memory"].append(await _paced(on_memory, req, n, None))
-            times["redis"].append(await _paced(on_redis, req, n, quotas.drain))
-            times["memory tight"].append(await _tight(on_memory, req, n, None))
-            times["redis tight"].append(await _tight(on_redis, req, n, quotas.drain))
+            chunks: dict[str, list[float]] = {k: [] for k in times}
+            for _ in range(max(1, n // CHUNK)):  # fine interleaving: all see the same load
+                chunks["ping"].append(await _round_trip(conn.ping, CHUNK))
+                chunks["evalsha"].append(await _round_trip(trivial, CHUNK))
+                chunks["memory"].append(await _paced(on_memory, req, CHUNK, None))
+                chunks["redis"].append(await _paced(on_redis, req, CHUNK, quotas.drain))
+                chunks["memory tight"].append(await _tight(on_memory, req, CHUNK, None))
+                chunks["redis tight"].append(await _tight(on_redis, req, CHUNK, quotas.drain))
+            for name, values in chunks.items():
+                times[name].append(median(values))
             progress.advance()
     finally:
         await quotas.drain()  # no landing may outlive the connection (or the server)

@@ -96,7 +96,7 @@ class SharedQuotas(Quotas):
         self._seq += 1
         ticket = f"{self._client}:{self._seq}"
         try:
-            wait, which = await self._store.run(
+            reply = await self._store.run(
                 "quota_board", self._keys(key), [ticket, self._lease, POLL, *self._args]
             )
         except StorageError as exc:
@@ -104,11 +104,11 @@ class SharedQuotas(Quotas):
                 raise
             self._store.warn("throttle", exc, _clock.now())
             return await super().room(key, in_flight)
-        wait = float(wait)
-        if not wait:
+        if reply == 0:  # boarded: a bare integer, the cheapest reply to parse
             self._tickets.setdefault(key, deque()).append(ticket)
             return 0.0, ""
-        return max(wait, 0.001), f"quota {self._items[int(which) - 1]}"
+        wait, which = reply
+        return max(float(wait), 0.001), f"quota {self._items[int(which) - 1]}"
 
     async def record(self, key: str) -> None:
         """Land in the background: the caller does not wait for the round trip."""

@@ -3,8 +3,9 @@
 -- KEYS[2..] one moving-window list per quota (limits' layout: newest timestamp first)
 -- ARGV: ticket, lease (s), poll (s), then amount and expiry (s) of each window.
 -- Room in a window: used + flying < amount, i.e. the (amount - flying)-th newest slot
--- is missing or older than the window. Returns {"0", 0} after counting the ticket in
--- flight, else {seconds until the last full window can have room, its 1-based index}.
+-- is missing or older than the window. Returns 0 after counting the ticket in flight
+-- (an integer: the usual reply, the cheapest to parse), else {seconds until the last
+-- full window can have room, its 1-based index}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ticket, lease, poll = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -34,4 +35,4 @@ end
 
 redis.call('ZADD', KEYS[1], now + lease, ticket)
 redis.call('EXPIRE', KEYS[1], math.ceil(lease))
-return {'0', 0}
+return 0
