@@ -67,7 +67,11 @@ class SharedPause:
 
     async def claim(self, key: str) -> tuple[Verdict, float]:
         """May this client probe now? See the module docstring."""
-        reply = await self._run(key, "claim", PROBE_LEASE, ["probe"])
+        try:
+            reply = await self._run(key, "claim", PROBE_LEASE, ["probe"])
+        except asyncio.CancelledError:  # we may have won it: free it for the others
+            self.release(key)
+            raise
         verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         seconds = float(reply[1]) if len(reply) > 1 else 0.0
         return verdict, seconds  # type: ignore[return-value]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 from limits import RateLimitItem
@@ -104,6 +105,9 @@ class SharedQuotas(Quotas):
                 raise
             self._store.warn("throttle", exc, _clock.now())
             return await super().room(key, in_flight)
+        except asyncio.CancelledError:  # the ticket may be in Redis: take it out
+            self._background(self._forget(key, ticket))
+            raise
         if reply == 0:  # boarded: a bare integer, the cheapest reply to parse
             self._tickets.setdefault(key, deque()).append(ticket)
             return 0.0, ""
@@ -116,9 +120,18 @@ class SharedQuotas(Quotas):
         ticket = tickets.popleft() if tickets else ""  # "": boarded on the local fallback
         if tickets is not None and not tickets:
             del self._tickets[key]
-        task = asyncio.get_running_loop().create_task(self._land(key, ticket))
+        self._background(self._land(key, ticket))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._landing.add(task)
         task.add_done_callback(self._landing.discard)
+
+    async def _forget(self, key: str, ticket: str) -> None:
+        try:
+            await self._store.run("quota_forget", self._keys(key)[:1], [ticket])
+        except StorageError as exc:
+            self._store.warn("throttle", exc, _clock.now(), "the ticket's lease frees it")
 
     async def _land(self, key: str, ticket: str) -> None:
         try:
