@@ -134,6 +134,7 @@ PLOTS: dict[str, Callable[[ScenarioResult, Any], Any]] = {
     "storm": _storm,
     "flaky": _flaky,
     "outage": _outage,
+    "shared": _quota,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 from benchmarks import __main__ as cli
 from benchmarks._harness import Config, Progress, ScenarioResult, percentile
 from benchmarks._report import fmt, text_report
-from benchmarks.scenarios import SCENARIOS, day, flaky, outage, quota, scale, storm
+from benchmarks.scenarios import SCENARIOS, day, flaky, outage, quota, scale, shared, storm
 
 TINY = Config(tiny=True)
 CLIENTS = {"aiohttp", "resilient", "aiohttp-retry", "tenacity", "naive"}
@@ -97,6 +97,22 @@ def test_scale_baseline_parks_every_caller_without_sending() -> None:
     assert rows[0]["sent while parked"] == 0
     assert rows[0]["ok"] == scale._callers(TINY)
     assert rows[0]["KiB / waiter"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_shared_counts_two_scripts_per_request_and_no_429_on_the_shared_quota() -> None:
+    from redis_server import new_redis_server
+
+    new_redis_server()  # skip without redis-server (fail under CI=true), as the Redis tests
+    rows = rows_by_client(run("shared"))
+    total = shared.PROCESSES * shared._per_process(TINY)
+    alone = rows[f"{shared.PROCESSES} processes, memory:// (a quota each)"]
+    together = rows[f"{shared.PROCESSES} processes, one Redis quota"]
+    assert rows["Throttle(quotas), Redis: caller's path"]["Redis scripts/req"] == 2.0
+    assert alone["ok"] == together["ok"] == total
+    assert alone["429s received"] >= total - shared.QUOTA  # each process spent the quota
+    assert together["429s received"] == 0
+    assert together["max in any 1 s"] <= shared.QUOTA
 
 
 def test_percentile_is_nearest_rank() -> None:
