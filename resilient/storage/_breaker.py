@@ -19,6 +19,8 @@ logged.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
@@ -28,7 +30,7 @@ from .._breaker import is_failure
 from .._errors import CircuitOpenError, StorageError
 from .._log import human_duration, logger
 from . import OnStorageError
-from ._redis import KEY_PREFIX, RedisStore, tag
+from ._redis import KEY_PREFIX, RedisStore, T, seconds, tag, text
 
 if TYPE_CHECKING:
     from .._breaker import CircuitBreaker
@@ -70,20 +72,19 @@ class SharedCircuits:
     ) -> ClientResponse:
         """Admit, send, record: the shared breaker's ``__call__``."""
         try:
-            admitted = await self._run(key, "admit")
+            verdict, epoch, retry_after, transition = await self._run(key, "admit", _admission)
         except StorageError as exc:
             if self._on_error == "raise":
                 raise
             self._store.warn(_KIND, exc, _clock.now())
             return await self._fallback(request, handler)
-        verdict, epoch = int(admitted[0]), int(admitted[1])
         if verdict < 0:
-            retry_after = float(admitted[2])
+            retry_after = min(retry_after, self._settings[2])
             _events.emit("circuit_rejected", _KIND, key, request, delay=retry_after, reason="open")
             raise CircuitOpenError(key, retry_after)
         probe = verdict == 1
-        if probe and admitted[2]:
-            _half_open(key, _text(admitted[2]) == "half_open_again")
+        if transition:
+            _half_open(key, transition == "half_open_again")
         try:
             resp = await handler(request)
         except BaseException as exc:
@@ -97,34 +98,56 @@ class SharedCircuits:
 
     async def state(self, key: str) -> tuple[str, float]:
         """``key``'s state name and the seconds until its open (or probe) time ends."""
-        reply = await self._run(key, "state")
-        return _NAMES[int(reply[0])], float(reply[1])
+        state: tuple[str, float] = await self._run(key, "state", _state)
+        return state
 
     async def _record(self, key: str, epoch: int, failed: bool | None, probe: bool) -> None:
         """Count an outcome (``failed``), or free a probe slot (``failed`` is None)."""
         try:
             if failed is None:
-                await self._run(key, "release", epoch)
+                await self._run(key, "release", _ignore, epoch)
                 return
-            reply = await self._run(key, "record", epoch, int(failed), int(probe))
+            transition, fails, calls = await self._run(
+                key, "record", _outcome, epoch, int(failed), int(probe)
+            )
         except StorageError as exc:
             self._store.warn(_KIND, exc, _clock.now(), "this outcome is not counted")
             return
-        transition = _text(reply[1]) if len(reply) > 1 else ""
         if transition == "opened":
-            fails, calls = (int(reply[2]), int(reply[3])) if len(reply) > 3 else (0, 0)
             _opened(key, fails, calls, self._settings[2])
         elif transition == "closed":
             _closed(key, int(self._settings[3]))
 
-    async def _run(self, key: str, op: str, *args: int) -> Any:
+    async def _run(self, key: str, op: str, parse: Callable[[Any], T], *args: int) -> T:
         return await self._store.run(
-            "breaker", [f"{KEY_PREFIX}:breaker/{tag(key)}"], [op, *self._settings, *args]
+            "breaker", [f"{KEY_PREFIX}:breaker/{tag(key)}"], [op, *self._settings, *args], parse
         )
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def _admission(reply: Any) -> tuple[int, int, float, str]:
+    """``admit``: (verdict -1/0/1, epoch, seconds until half-open, transition)."""
+    verdict, epoch = int(reply[0]), int(reply[1])
+    if verdict not in (-1, 0, 1):
+        raise ValueError(verdict)
+    if verdict < 0:
+        return verdict, epoch, seconds(reply[2], math.inf), ""
+    return verdict, epoch, 0.0, text(reply[2]) if len(reply) > 2 else ""
+
+
+def _outcome(reply: Any) -> tuple[str, int, int]:
+    """``record``: (transition, failures, calls)."""
+    transition = text(reply[1]) if len(reply) > 1 else ""
+    if len(reply) > 3:
+        return transition, int(reply[2]), int(reply[3])
+    return transition, 0, 0
+
+
+def _state(reply: Any) -> tuple[str, float]:
+    return _NAMES[int(reply[0])], seconds(reply[1], math.inf)
+
+
+def _ignore(reply: Any) -> None:
+    return None
 
 
 def _opened(key: str, fails: int, calls: int, open_for: float) -> None:

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from .. import _clock
 from .._errors import StorageError
+from .._pause import MAX_PAUSE
 from . import OnStorageError
-from ._redis import KEY_PREFIX, RedisStore, tag
+from ._redis import KEY_PREFIX, RedisStore, seconds, tag, text
 
 __all__ = ["PROBE_LEASE", "PROBE_POLL", "SharedPause", "Verdict"]
 
@@ -37,6 +39,7 @@ PROBE_POLL = 0.5
 """Seconds between two claims while another process's probe is on the wire."""
 
 Verdict = Literal["open", "paused", "busy", "probe"]
+_VERDICTS = ("open", "paused", "busy", "probe")
 _KIND = "rate_limit_backoff"
 
 
@@ -57,28 +60,28 @@ class SharedPause:
 
     async def check(self, key: str) -> float | None:
         """Seconds until ``key``'s shared pause ends (0: a probe is due), None if not paused."""
-        left = await self._run(key, "check", 0.0, "-1")
-        seconds = float(left)
-        return None if seconds < 0 else seconds
+        left: float | None = await self._run(key, "check", 0.0, None, _left)
+        return left
 
     async def pause(self, key: str, delay: float) -> float:
         """Pause ``key`` for ``delay`` seconds at least; the seconds the shared pause lasts."""
-        return float(await self._run(key, "pause", delay, str(delay)))
+        lasts: float = await self._run(key, "pause", delay, delay, _lasts)
+        return lasts
 
     async def claim(self, key: str) -> tuple[Verdict, float]:
         """May this client probe now? See the module docstring."""
         try:
-            reply = await self._run(key, "claim", PROBE_LEASE, ["probe"])
+            claimed: tuple[Verdict, float] = await self._run(
+                key, "claim", PROBE_LEASE, ("probe", 0.0), _verdict
+            )
         except asyncio.CancelledError:  # we may have won it: free it for the others
             self.release(key)
             raise
-        verdict = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        seconds = float(reply[1]) if len(reply) > 1 else 0.0
-        return verdict, seconds  # type: ignore[return-value]
+        return claimed
 
     async def open(self, key: str) -> None:
         """The probe's answer was not a 429."""
-        await self._run(key, "open", 0.0, 1)
+        await self._run(key, "open", 0.0, None, _ignore)
 
     def release(self, key: str) -> None:
         """Free this client's probe of ``key`` in the background (it may be cancelled)."""
@@ -92,14 +95,36 @@ class SharedPause:
         except StorageError as exc:  # the probe's lease frees it
             self._store.warn(_KIND, exc, _clock.now(), "the probe is freed when its lease ends")
 
-    async def _run(self, key: str, op: str, seconds: float, fallback: Any) -> Any:
+    async def _run(
+        self, key: str, op: str, seconds: float, fallback: Any, parse: Callable[[Any], Any]
+    ) -> Any:
         try:
-            return await self._store.run("pause", [_keys(key)], [op, self._client, seconds])
+            return await self._store.run("pause", [_keys(key)], [op, self._client, seconds], parse)
         except StorageError as exc:
             if self._on_error == "raise":
                 raise
             self._store.warn(_KIND, exc, _clock.now())
             return fallback
+
+
+def _left(reply: Any) -> float | None:
+    """``check``: -1 (not paused) -> None, else the seconds left (at most MAX_PAUSE)."""
+    return None if float(reply) == -1 else seconds(reply, MAX_PAUSE)
+
+
+def _lasts(reply: Any) -> float:
+    return seconds(reply, MAX_PAUSE)
+
+
+def _verdict(reply: Any) -> tuple[Verdict, float]:
+    verdict = text(reply[0])
+    if verdict not in _VERDICTS:
+        raise ValueError(verdict)
+    return verdict, seconds(reply[1], MAX_PAUSE) if len(reply) > 1 else 0.0  # type: ignore[return-value]
+
+
+def _ignore(reply: Any) -> None:
+    return None
 
 
 def _keys(key: str) -> str:

@@ -31,9 +31,9 @@ from limits import RateLimitItem
 
 from .. import _clock
 from .._errors import StorageError
-from .._quota import NAMESPACE, Quotas
+from .._quota import MIN_QUOTA_WAIT, NAMESPACE, Quotas
 from . import OnStorageError
-from ._redis import KEY_PREFIX, RedisStore, tag
+from ._redis import KEY_PREFIX, RedisStore, seconds, tag
 
 __all__ = ["IN_FLIGHT_LEASE", "KEY_CACHE", "POLL", "SharedQuotas"]
 
@@ -57,6 +57,7 @@ class SharedQuotas(Quotas):
         "_client",
         "_landing",
         "_lease",
+        "_longest",
         "_names",
         "_on_error",
         "_seq",
@@ -77,7 +78,8 @@ class SharedQuotas(Quotas):
         for item in self._items:
             windows += [item.amount, item.get_expiry()]
         self._args = windows
-        self._lease = max(item.get_expiry() for item in self._items) + IN_FLIGHT_LEASE
+        self._longest = float(max(item.get_expiry() for item in self._items))
+        self._lease = self._longest + IN_FLIGHT_LEASE
 
     def _keys(self, key: str) -> list[str]:
         """``key``'s in-flight set and window lists, built once (see :data:`KEY_CACHE`)."""
@@ -97,8 +99,11 @@ class SharedQuotas(Quotas):
         self._seq += 1
         ticket = f"{self._client}:{self._seq}"
         try:
-            reply = await self._store.run(
-                "quota_board", self._keys(key), [ticket, self._lease, POLL, *self._args]
+            wait, which = await self._store.run(
+                "quota_board",
+                self._keys(key),
+                [ticket, self._lease, POLL, *self._args],
+                self._boarding,
             )
         except StorageError as exc:
             if self._on_error == "raise":
@@ -108,11 +113,20 @@ class SharedQuotas(Quotas):
         except asyncio.CancelledError:  # the ticket may be in Redis: take it out
             self._background(self._forget(key, ticket))
             raise
-        if reply == 0:  # boarded: a bare integer, the cheapest reply to parse
+        if not wait:
             self._tickets.setdefault(key, deque()).append(ticket)
             return 0.0, ""
-        wait, which = reply
-        return max(float(wait), 0.001), f"quota {self._items[int(which) - 1]}"
+        return max(wait, MIN_QUOTA_WAIT), f"quota {self._items[which]}"
+
+    def _boarding(self, reply: Any) -> tuple[float, int]:
+        """``0`` (boarded: a bare integer, the cheapest reply) -> ``(0.0, 0)``; else
+        ``(seconds, window index)``, a wait no longer than the longest window."""
+        if reply == 0:
+            return 0.0, 0
+        which = int(reply[1]) - 1
+        if not 0 <= which < len(self._items):
+            raise ValueError(which)
+        return seconds(reply[0], self._longest), which
 
     async def record(self, key: str) -> None:
         """Land in the background: the caller does not wait for the round trip."""

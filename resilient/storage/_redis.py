@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from .._errors import StorageError
 from .._log import logger
@@ -35,7 +37,9 @@ __all__ = [
     "STORAGE_TIMEOUT",
     "WARN_EVERY",
     "RedisStore",
+    "seconds",
     "tag",
+    "text",
 ]
 
 KEY_PREFIX = "resilient"
@@ -46,6 +50,26 @@ STORAGE_TIMEOUT = 2.0
 """Seconds one storage call may take in all before it fails with ``StorageError``."""
 WARN_EVERY = 10.0
 """With ``on_storage_error="allow"``: seconds between two warnings of one store."""
+
+
+T = TypeVar("T")
+
+
+def _same(reply: Any) -> Any:
+    return reply
+
+
+def seconds(value: object, cap: float) -> float:
+    """A duration from a script's reply, at most ``cap``; ValueError unless finite and >= 0."""
+    number = float(value.decode() if isinstance(value, bytes) else value)  # type: ignore[arg-type]
+    if not 0.0 <= number < math.inf:
+        raise ValueError(number)
+    return min(number, cap)
+
+
+def text(value: object) -> str:
+    """A string from a script's reply (redis-py gives bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def tag(key: str) -> str:
@@ -80,15 +104,24 @@ class RedisStore:
             self._limits = _limits_storage(self._uri)
         return self._limits
 
-    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """The result of script ``name``, or StorageError within :data:`STORAGE_TIMEOUT`."""
+    async def run(
+        self, name: str, keys: list[str], args: list[Any], parse: Callable[[Any], T] = _same
+    ) -> T:
+        """``parse(reply)`` of script ``name``, or StorageError within :data:`STORAGE_TIMEOUT`.
+
+        A reply ``parse`` rejects (ValueError, TypeError, IndexError) is a StorageError
+        too: a Redis that answers nonsense never crashes a request in another way.
+        """
         try:
             async with asyncio.timeout(STORAGE_TIMEOUT):
                 script = self._scripts.get(name)
                 if script is None:
                     connection = self.limits.bridge.get_connection()
                     script = self._scripts[name] = connection.register_script(_script(name))
-                return await script(keys=keys, args=args)
+                reply = await script(keys=keys, args=args)
+            return parse(reply)
+        except (ValueError, TypeError, IndexError):
+            raise StorageError(self.name, "malformed reply") from None
         except (OSError, TimeoutError) as exc:
             raise StorageError(self.name, type(exc).__name__) from None
         except Exception as exc:
