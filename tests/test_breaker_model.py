@@ -171,5 +171,69 @@ class CircuitMachine(RuleBasedStateMachine):
             assert self.circuit.until == self.until
 
 
+# --- stale outcomes, spelled out (the model finds these only with long runs) ----------
+
+
+def _circuit(probes: int = 1) -> _Circuit:
+    return _Circuit("k", _Settings(0.5, 2, 10.0, probes, WIDTH))
+
+
+def _trip(circuit: _Circuit, now: float) -> None:
+    for _ in range(2):
+        circuit.record(now, True, circuit.epoch, False)
+    assert circuit.state == OPEN
+
+
+def test_an_outcome_from_before_the_circuit_opened_is_ignored_in_every_later_spell():
+    circuit = _circuit()
+    late = circuit.epoch  # a call admitted while closed, still in flight
+    _trip(circuit, 1000.0)
+    for now in (1010.0, 1030.0, 1050.0):  # half-open, probe fails: open; ... three times
+        circuit.admit(now)
+        assert circuit.state == HALF_OPEN
+        circuit.record(now, True, late, False)
+        assert (circuit.state, circuit.admitted) == (HALF_OPEN, 1)
+        circuit.record(now, True, circuit.epoch, True)
+        assert circuit.state == OPEN
+        circuit.record(now, True, late, False)
+        assert circuit.state == OPEN
+
+
+def test_a_probe_of_an_earlier_half_open_spell_is_ignored():
+    circuit = _circuit(probes=2)
+    _trip(circuit, 1000.0)
+    for now in (1010.0, 1030.0):  # two half-open spells; the first ends with a failed probe
+        circuit.admit(now)
+        first = circuit.epoch
+        circuit.admit(now)
+        circuit.record(now, True, circuit.epoch, True)
+        assert circuit.state == OPEN
+    circuit.admit(1050.0)
+    circuit.record(1050.0, False, first, True)  # a success from an earlier spell
+    circuit.record(1050.0, False, circuit.epoch, True)  # one of the two this spell needs
+    assert circuit.state == HALF_OPEN
+    assert circuit.successes == 1
+
+
+@pytest.mark.parametrize("reopened", [False, True], ids=["closed", "closed-then-reopened"])
+def test_an_overdue_probe_answering_after_the_circuit_closed_is_ignored(reopened):
+    circuit = _circuit(probes=2)
+    _trip(circuit, 1000.0)
+    circuit.admit(1010.0)  # spell A: two probes; the first succeeds, the second hangs
+    overdue = circuit.epoch
+    circuit.admit(1010.0)
+    circuit.record(1011.0, False, overdue, True)
+    circuit.admit(1020.0)  # both slots taken, the last one admitted open_for ago: spell B
+    circuit.admit(1020.0)
+    for _ in range(2):
+        circuit.record(1021.0, False, circuit.epoch, True)
+    assert circuit.state == CLOSED
+    if reopened:
+        _trip(circuit, 1022.0)
+    before = (circuit.state, circuit.until, circuit.calls, circuit.fails)
+    circuit.record(1025.0, True, overdue, True)  # the hung probe of spell A fails at last
+    assert (circuit.state, circuit.until, circuit.calls, circuit.fails) == before
+
+
 CircuitMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_circuit_follows_its_state_machine = CircuitMachine.TestCase

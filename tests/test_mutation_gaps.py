@@ -15,7 +15,7 @@ from aiohttp import ClientResponseError, RequestInfo, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from resilient import BodyNotReplayable, CircuitOpenError, Retry
+from resilient import BodyNotReplayable, CircuitOpenError, Retry, RetryBudget
 from resilient._adaptive import DECREASE
 from resilient._breaker import CircuitBreaker, is_failure
 from resilient._throttle import Throttle
@@ -54,6 +54,12 @@ def test_a_raised_response_error_is_a_failure_from_500_up(status, failed):
 def test_the_state_of_a_key_never_seen_is_closed():
     # CircuitBreaker.state: the "closed" literal for an unknown key
     assert CircuitBreaker().state("http://never.example:80") == "closed"
+
+
+def test_breaker_accepts_sub_second_window_and_open_for():
+    # _positive_seconds: `0.0 < value` -> `1.0 < value`
+    cb = CircuitBreaker(window=0.5, open_for=0.25)
+    assert (cb.window, cb.open_for) == (0.5, 0.25)
 
 
 @pytest.mark.looptime
@@ -125,12 +131,53 @@ async def test_a_response_discarded_for_an_unreplayable_body_frees_its_connectio
         assert raised.value is not None
 
 
+def retry_after(seconds: str):
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503, headers={"Retry-After": seconds}, text="busy")
+
+    return reply
+
+
+@pytest.mark.looptime
+async def test_max_delay_alone_refuses_a_longer_retry_after_without_any_timeout(server):
+    # _wait_time: `None if server > max_delay` -> never None (the total timeout hid it)
+    server.script("/", retry_after("3600"), 200)
+    retry = Retry(max_delay=10.0, backoff=lambda attempt: 0.0, budget=None)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        start = loop.time()
+        assert await get(session, server.url + "/", retry) == 503
+        assert loop.time() - start < 1.0
+    assert server.count() == 1
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_equal_to_max_delay_is_waited_for(server):
+    # _wait_time: `server > max_delay` -> `server >= max_delay`
+    server.script("/", retry_after("10"), 200)
+    retry = Retry(max_delay=10.0, backoff=lambda attempt: 0.0, budget=None)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        assert await get(session, server.url + "/", retry) == 200
+    assert server.arrivals[1].time - server.arrivals[0].time == pytest.approx(10.0, abs=0.01)
+
+
+def test_retry_keeps_the_budget_it_was_given():
+    # Retry.__init__: `self._budget = budget` -> `None`
+    budget = RetryBudget(ratio=0.5, min_per_second=1.0)
+    assert Retry(budget=budget).budget is budget
+
+
 # --- Throttle -----------------------------------------------------------------------
 
 
 def test_the_rate_of_a_key_never_seen_is_the_configured_rate():
     # Throttle.current_rate: `state is None` -> `(state is None) and False`
     assert Throttle(3.0).current_rate("http://never.example:80") == 3.0
+
+
+def test_no_caller_waits_for_a_key_never_seen():
+    # Throttle.waiting: `0 if state is None` -> `1 if ...` / `(state is None) and False`
+    assert Throttle(3.0).waiting("http://never.example:80") == 0
 
 
 @pytest.mark.looptime

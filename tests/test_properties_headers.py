@@ -10,6 +10,8 @@ choice among RateLimit policies, and the order in which headers are consulted.
 from __future__ import annotations
 
 import math
+import os
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -97,6 +99,34 @@ def test_retry_after_date_with_a_numeric_zone_applies_the_offset(when, minutes, 
     )
 
 
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata", "UTC"])
+def test_retry_after_date_without_a_zone_is_gmt_whatever_the_local_zone(zone):
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = zone
+    time.tzset()
+    try:
+        when = parse_retry_after("Tue Nov 14 23:13:20 2023", now=1_700_000_000.0)
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+    assert when == 3600.0
+
+
+@pytest.mark.parametrize(("length", "parsed"), [(64, True), (65, False)])
+def test_retry_after_dates_longer_than_64_characters_are_refused(length, parsed):
+    date = "Tue, 14 Nov 2023 23:13:20 GMT"
+    value = date.replace(" GMT", " " * (length - len(date)) + " GMT")  # inner spaces
+    assert len(value) == length
+    assert parse_retry_after(value, now=1_700_000_000.0) == (3600.0 if parsed else None)
+
+
+def test_retry_after_date_must_start_with_its_day_name():
+    assert parse_retry_after("14 Nov 2023 23:13:20 GMT", now=1_700_000_000.0) is None
+
+
 @given(DECIMALS.filter(lambda t: float(t) > 0.0), NOWS)
 def test_retry_after_negative_or_signed_numbers_are_garbage(text, now):
     assert parse_retry_after("-" + text, now=now) is None
@@ -113,19 +143,21 @@ def test_retry_after_beyond_float_range_is_beyond_any_wait(digits, now):
 POLICY = st.tuples(
     st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True),
     st.one_of(st.none(), st.just(0), st.integers(1, 10_000)),  # r: absent, exhausted, room
-    st.from_regex(r"[0-9]{1,9}(\.[0-9]{1,6})?", fullmatch=True),  # t: delta seconds
+    st.one_of(st.none(), st.from_regex(r"[0-9]{1,9}(\.[0-9]{1,6})?", fullmatch=True)),  # t
 )
 
 
-def _sf_item(name: str, remaining: int | None, reset: str) -> str:
+def _sf_item(name: str, remaining: int | None, reset: str | None) -> str:
     r = "" if remaining is None else f";r={remaining}"
-    return f'"{name}"{r};t={reset}'
+    t = "" if reset is None else f";t={reset}"
+    return f'"{name}"{r}{t}'
 
 
 @given(st.lists(POLICY, min_size=1, max_size=6), st.sampled_from([",", ", ", " ,  "]))
 def test_ratelimit_is_the_longest_reset_among_exhausted_policies(policies, sep):
+    """A policy without ``t`` gives no reset; one without ``r`` counts as exhausted."""
     value = sep.join(_sf_item(*p) for p in policies)
-    gating = [float(t) for _, r, t in policies if not r]
+    gating = [float(t) for _, r, t in policies if not r and t is not None]
     assert parse_ratelimit(value) == (max(gating) if gating else None)
 
 
@@ -133,6 +165,13 @@ def test_ratelimit_is_the_longest_reset_among_exhausted_policies(policies, sep):
 def test_ratelimit_parameter_names_are_case_insensitive(policies):
     value = ", ".join(_sf_item(*p) for p in policies)
     assert parse_ratelimit(value.upper()) == parse_ratelimit(value)
+
+
+@pytest.mark.parametrize(("length", "expected"), [(4096, 30.0), (4097, None)])
+def test_ratelimit_reads_headers_of_up_to_4096_characters_only(length, expected):
+    value = '"default";r=0;t=30'
+    value += " " * (length - len(value))  # OWS before the end of the list
+    assert parse_ratelimit(value) == expected
 
 
 @given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(0, 10**6))
