@@ -217,8 +217,10 @@ class CircuitBreaker(Policy):
       ``CircuitOpenError(key, retry_after)`` without touching the network;
       ``retry_after`` is the time left until half-open.
     - ``half_open_probes`` >= 1 (default 1): after ``open_for``, at most this many
-      trial requests are in flight at once; the rest raise ``CircuitOpenError``. The
-      circuit closes (window emptied) once ``half_open_probes`` probes succeeded, and
+      trial requests are admitted in one half-open spell (a probe that succeeded keeps
+      its slot; one that ended without an outcome gives it back); the rest raise
+      ``CircuitOpenError``. The circuit closes (window emptied) once
+      ``half_open_probes`` probes succeeded, and
       re-opens for another ``open_for`` on the first probe failure. A probe unanswered
       ``open_for`` after it was admitted is given up on and its slot reused.
     - ``key`` (default :func:`by_host`): one circuit per key. ``max_keys`` (default
