@@ -162,3 +162,17 @@ def redis_cluster_url(redis_server_session: RedisServer) -> Iterator[str]:
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_url(redis_server_session: RedisServer) -> Iterator[str]:
+    """A Sentinel watching a master of its own: ``redis+sentinel://127.0.0.1:port/name``."""
+    master = RedisServer(redis_server_session.binary)
+    master.start()
+    sentinel = RedisServer(redis_server_session.binary, sentinel_of=master)
+    sentinel.start()
+    try:
+        yield sentinel.url
+    finally:
+        sentinel.stop()
+        master.stop()

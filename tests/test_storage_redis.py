@@ -401,13 +401,17 @@ async def test_a_shared_breaker_emits_its_transitions_and_rejections(server, red
     assert seen[-1].url == server.url + "/down"
 
 
-async def test_a_redis_cluster_shares_quota_pause_and_breaker(server, redis_cluster_url):
+@pytest.mark.parametrize("deployment", ["cluster", "sentinel"])
+async def test_a_cluster_or_sentinel_shares_quota_pause_and_breaker(server, request, deployment):
+    """limits' ``redis+cluster://`` (three masters; every script's keys share one hash
+    tag) and ``redis+sentinel://`` URIs: the same sharing as a single Redis."""
+
     async def once(request: web.Request) -> web.Response:
         return _limited_once(1)
 
     server.script("/p", once)
     server.default("/down", 503)
-    url = redis_cluster_url
+    url = request.getfixturevalue(f"redis_{deployment}_url")
     chain = (
         CircuitBreaker(min_calls=2, open_for=60.0, storage=url),
         RateLimitBackoff(storage=url),

@@ -30,6 +30,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+SENTINEL_NAME = "resilient"
+"""The master's name in a Sentinel started by :class:`RedisServer`."""
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (``+ 10000``) is free too."""
     for _ in range(100):
@@ -47,34 +51,52 @@ def _cluster_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1; ``stop()`` kills it, ``start()`` restarts
     it on the same port (empty: persistence is off). ``cluster=True``: a Redis Cluster node
-    (its bus on ``port + 10000``), to be joined with ``redis-cli --cluster create``."""
+    (its bus on ``port + 10000``), to be joined with ``redis-cli --cluster create``.
+    ``sentinel_of=master``: a Sentinel watching ``master`` under the name
+    :data:`SENTINEL_NAME`; its ``url`` is the ``redis+sentinel://`` URI."""
 
-    def __init__(self, binary: str, *, cluster: bool = False) -> None:
+    def __init__(
+        self, binary: str, *, cluster: bool = False, sentinel_of: RedisServer | None = None
+    ) -> None:
         self.binary = binary
         self.cluster = cluster
+        self.sentinel_of = sentinel_of
         self.port = _cluster_port() if cluster else _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        if sentinel_of is not None:
+            self.url = f"redis+sentinel://127.0.0.1:{self.port}/{SENTINEL_NAME}"
         self._dir = tempfile.mkdtemp(prefix="resilient-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
+    def _command(self) -> list[str]:
+        if self.sentinel_of is not None:
+            conf = os.path.join(self._dir, "sentinel.conf")
+            with open(conf, "w", encoding="ascii") as file:
+                file.write(
+                    f"port {self.port}\nbind 127.0.0.1\ndir {self._dir}\n"
+                    f"sentinel monitor {SENTINEL_NAME} 127.0.0.1 {self.sentinel_of.port} 1\n"
+                )
+            return [self.binary, conf, "--sentinel"]
+        return [
+            self.binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--protected-mode",
+            "yes",
+            *(["--cluster-enabled", "yes"] if self.cluster else []),
+        ]
+
     def start(self) -> None:
         self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir,
-                "--protected-mode",
-                "yes",
-                *(["--cluster-enabled", "yes"] if self.cluster else []),
-            ],
+            self._command(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
