@@ -60,11 +60,11 @@ def _check(owner: str, base: float, cap: float) -> tuple[float, float]:
         raise ValueError(f"{owner}: cap must be a finite number >= base ({base!r}), got {cap!r}")
     return float(base), float(cap)
 
+
 def capped_doubling(base: float, cap: float, exponent: int) -> float:
     """``min(cap, base·2^exponent)`` for ``exponent >= 0`` (negative counts as 0);
     no overflow for any exponent."""
     return min(cap, base * 2.0 ** min(max(exponent, 0), 1023))
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ MIN_QUOTA_WAIT = 0.001
 
 _ZERO_SPAN = re.compile(r"(?:/|\bper)\s*0+\s*[a-z]", re.IGNORECASE)
 
+
 def parse_quotas(text: object) -> tuple[RateLimitItem, ...]:
     """``"200/minute;5000/day"`` -> limits items, else ValueError naming ``quotas``.
 

@@ -182,11 +182,24 @@ class RateLimitBackoff(Policy):
         gate.pause(left, probe=False)
         return gate
 
+    async def _share_pause(self, key: str, delay: float, resp: ClientResponse) -> float:
+        """Pause ``key`` in Redis; if that fails, the 429 is released before the error."""
+        assert self._shared is not None
+        try:
+            return await self._shared.pause(key, delay)
+        except BaseException:
+            resp.release()
+            raise
+
     async def _claim(self, key: str, gate: PauseGate) -> bool | None:
         """Our local probe asks Redis: True (we probe), False (the pause is over: the
         gate opens), None (wait again: the pause grew, or another process probes)."""
         assert self._shared is not None
-        verdict, seconds = await self._shared.claim(key)
+        try:
+            verdict, seconds = await self._shared.claim(key)
+        except BaseException:  # StorageError or cancelled: a local waiter probes instead
+            gate.probe_failed()
+            raise
         if verdict == "probe":
             return True
         if verdict == "open":
@@ -216,7 +229,7 @@ class RateLimitBackoff(Policy):
                 server = None if hint is None else hint[0]
                 delay = backoff_delay(server, strikes, base=self._base, cap=self._cap)
                 if self._shared is not None:  # every process pauses: the end is Redis's
-                    delay = max(delay, await self._shared.pause(key, delay))
+                    delay = max(delay, await self._share_pause(key, delay, resp))
                 wait = max(delay, gate.pause(delay, probe=probe))
                 probe = False
                 gives_up = now + wait > latest or not body_replayable(request)

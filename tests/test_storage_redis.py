@@ -432,3 +432,63 @@ async def test_a_cluster_or_sentinel_shares_quota_pause_and_breaker(server, requ
             await _get(session, server.url + "/down")
     async with aiohttp.ClientSession(middlewares=(other,)) as session:
         assert await _get(session, server.url + "/down") == "CircuitOpenError"
+
+
+async def test_a_probe_whose_redis_dies_still_returns_its_response(server, redis_server):
+    answer = asyncio.Event()
+
+    async def held_ok(request: web.Request) -> web.Response:
+        await answer.wait()
+        return web.Response(text="ok")
+
+    async def once(request: web.Request) -> web.Response:
+        return _limited_once(1)
+
+    server.script("/p", once, held_ok)
+    policy = RateLimitBackoff(storage=redis_server.url)
+    async with aiohttp.ClientSession(middlewares=(policy,)) as session:
+        call = asyncio.ensure_future(_get(session, server.url + "/p"))
+        while server.count("/p") < 2:  # the 429, then the probe
+            await asyncio.sleep(0.01)
+        redis_server.stop()
+        answer.set()
+        assert await asyncio.wait_for(call, STORAGE_TIMEOUT + 5) == 200
+
+
+async def test_waiters_whose_redis_dies_fail_fast_and_none_hangs(server, redis_server):
+    async def later(request: web.Request) -> web.Response:
+        return _limited_once(2)
+
+    server.script("/p", later)
+    policy = RateLimitBackoff(storage=redis_server.url)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(middlewares=(policy,), connector=connector) as session:
+        first = asyncio.ensure_future(_get(session, server.url + "/p"))
+        while server.count("/p") < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        second = asyncio.ensure_future(_get(session, server.url + "/p"))
+        await asyncio.sleep(0.1)
+        redis_server.stop()  # both wait for the pause to end, then must claim the probe
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), 2 + 2 * 5)
+        assert outcomes == ["StorageError", "StorageError"]
+        redis_server.start()
+        assert await _get(session, server.url + "/p") == 200  # no connection was leaked
+    assert server.count("/p") == 2
+
+
+async def test_a_429_whose_pause_cannot_be_shared_is_released_before_the_error(
+    server, redis_server
+):
+    async def limited(request: web.Request) -> web.Response:
+        redis_server.stop()  # Redis dies between the send and the 429
+        return _limited_once(1)
+
+    server.script("/p", limited)
+    policy = RateLimitBackoff(storage=redis_server.url)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(middlewares=(policy,), connector=connector) as session:
+        assert await _get(session, server.url + "/p") == "StorageError"
+        redis_server.start()
+        async with asyncio.timeout(5):  # the 429's connection went back to the pool
+            assert await _get(session, server.url + "/p") == 200

@@ -80,8 +80,13 @@ class SharedPause:
         return claimed
 
     async def open(self, key: str) -> None:
-        """The probe's answer was not a 429."""
-        await self._run(key, "open", 0.0, None, _ignore)
+        """The probe's answer was not a 429. A failure is logged, never raised: the
+        caller's response is in hand (the others' claims see the pause over, or this
+        probe's lease run out)."""
+        try:
+            await self._store.run("pause", [_keys(key)], ["open", self._client, 0.0], _ignore)
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the response is returned")
 
     def release(self, key: str) -> None:
         """Free this client's probe of ``key`` in the background (it may be cancelled)."""
