@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test bench lint typecheck clean redis
+.PHONY: test bench lint typecheck clean redis services
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -13,24 +13,29 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/bin/activate
 	$(PY) -m pip install --quiet -e '.[test,bench,redis,otel]'
 	touch $@
 
-# Redis tests and the shared-quota benchmark need redis-server on PATH: found there, or
-# installed with apt-get when we are root on Debian; otherwise a hint (tests then skip,
-# except under CI=true, where they fail).
-redis:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# Redis and nginx tests (and the shared-quota and nginx benchmarks) need redis-server and
+# nginx: found on PATH or in /usr/sbin, or installed with apt-get when we are root on Debian;
+# otherwise a hint (tests then skip, except under CI=true, where they fail).
+SERVICES := redis-server nginx
+services:
+	@missing=""; for b in $(SERVICES); do \
+	  command -v $$b >/dev/null 2>&1 || [ -x /usr/sbin/$$b ] || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
-	      || echo "make: could not install redis-server; Redis tests will not run"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+	      || echo "make: could not install$$missing; their tests will not run"; \
 	  else \
-	    echo "make: redis-server not found (Debian: sudo apt-get install redis-server)"; \
-	  fi; }
+	    echo "make: not found:$$missing (Debian: sudo apt-get install$$missing)"; \
+	  fi; fi
 
-test: $(VENV)/.installed-test redis
+redis: services
+
+test: $(VENV)/.installed-test services
 	$(PY) -m ruff check resilient tests benchmarks examples
 	$(PY) -m mypy --strict resilient
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed-test redis
+bench: $(VENV)/.installed-test services
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test

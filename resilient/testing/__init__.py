@@ -28,12 +28,15 @@ pytest fixtures (registered by the ``resilient`` pytest plugin, needing pytest-a
 
 :class:`RedisServer` runs a real ``redis-server`` on a free loopback port (persistence
 off) for tests of shared storage; :func:`find_redis_server` locates the binary.
+:class:`NginxServer` runs a real ``nginx`` (a ``limit_req`` rate limiter, or a reverse
+proxy) on a free loopback port with a temporary config; :func:`find_nginx` locates it.
 """
 
 from __future__ import annotations
 
 from ._api import DROPPED, FAULTS, LogEntry, SimulatedAPI
 from ._faults import FAULT_HEADER, FaultInjection
+from ._nginx import NginxServer, find_nginx, limit_req_config, proxy_config
 from ._redis import RedisServer, find_redis_server
 
 __all__ = [
@@ -42,7 +45,11 @@ __all__ = [
     "FAULT_HEADER",
     "FaultInjection",
     "LogEntry",
+    "NginxServer",
     "RedisServer",
     "SimulatedAPI",
+    "find_nginx",
     "find_redis_server",
+    "limit_req_config",
+    "proxy_config",
 ]
