@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -542,3 +543,231 @@ async def test_simulated_api_fixture_runs_on_virtual_time(simulated_api, client)
     await asyncio.sleep(60.0)
     after, _, _ = await get(client, url, headers=B1)
     assert (status, headers["Retry-After"], after) == (429, "60", 200)
+
+
+# --- limiters the client is not told ----------------------------------------------------
+
+
+async def statuses(client: aiohttp.ClientSession, url: str, n: int, **kwargs: Any) -> list[int]:
+    """Statuses of ``n`` GETs sent one after another."""
+    return [(await get(client, url, **kwargs))[0] for _ in range(n)]
+
+
+@pytest.mark.looptime
+async def test_leaky_bucket_admits_burst_plus_one_at_once_then_answers_429(client):
+    async with SimulatedAPI(limiter=("leaky", 50.0, 5)) as api:
+        got = await statuses(client, api.url + "/contacts/1", 7, headers=B1)
+        _, headers, body = await get(client, api.url + "/contacts/1", headers=B1)
+    assert got == [200] * 6 + [429]
+    assert headers["Retry-After"] == "1"
+    assert codes(body) == [("TooManyRequests", "")]
+
+
+@pytest.mark.looptime
+async def test_leaky_bucket_admits_one_more_request_each_one_over_rate_seconds(client):
+    async with SimulatedAPI(limiter=("leaky", 2.0, 0)) as api:
+        url = api.url + "/contacts/1"
+        first = await statuses(client, url, 2, headers=B1)
+        await asyncio.sleep(0.5)
+        second = await statuses(client, url, 2, headers=B1)
+        await asyncio.sleep(0.4)
+        early = await statuses(client, url, 1, headers=B1)
+    assert (first, second, early) == ([200, 429], [200, 429], [429])
+
+
+@pytest.mark.looptime
+async def test_leaky_bucket_retry_after_is_the_time_until_one_slot_frees(client):
+    async with SimulatedAPI(limiter=("leaky", 0.1, 1)) as api:
+        url = api.url + "/contacts/1"
+        await statuses(client, url, 2, headers=B1)
+        await asyncio.sleep(3.0)
+        status, headers, _ = await get(client, url, headers=B1)
+        await asyncio.sleep(float(headers["Retry-After"]))
+        after, _, _ = await get(client, url, headers=B1)
+    assert (status, headers["Retry-After"], after) == (429, "7", 200)
+
+
+@pytest.mark.looptime
+async def test_leaky_bucket_refused_requests_do_not_fill_it(client):
+    async with SimulatedAPI(limiter=("leaky", 1.0, 0)) as api:
+        url = api.url + "/contacts/1"
+        await get(client, url, headers=B1)
+        refused = await statuses(client, url, 20, headers=B1)
+        await asyncio.sleep(1.0)
+        status, _, _ = await get(client, url, headers=B1)
+    assert set(refused) == {429}
+    assert status == 200
+
+
+@pytest.mark.looptime
+async def test_leaky_bucket_is_per_business(client):
+    async with SimulatedAPI(limiter=("leaky", 1.0, 0)) as api:
+        url = api.url + "/contacts/1"
+        mine = await statuses(client, url, 2, headers=B1)
+        other = await statuses(client, url, 1, headers=B2)
+    assert (mine, other) == ([200, 429], [200])
+
+
+@pytest.mark.looptime
+async def test_fixed_window_admits_limit_per_window_aligned_on_start(client):
+    async with SimulatedAPI(limiter=("fixed", 3, 10.0)) as api:
+        url = api.url + "/contacts/1"
+        await asyncio.sleep(4.0)
+        first = await statuses(client, url, 4, headers=B1)
+        _, headers, _ = await get(client, url, headers=B1)
+        await asyncio.sleep(6.0)  # the next window starts 10 s after start()
+        second = await statuses(client, url, 4, headers=B1)
+    assert first == second == [200, 200, 200, 429]
+    assert headers["Retry-After"] == "6"
+
+
+@pytest.mark.looptime
+async def test_fixed_window_refused_requests_do_not_count(client):
+    async with SimulatedAPI(limiter=("fixed", 1, 10.0)) as api:
+        url = api.url + "/contacts/1"
+        await get(client, url, headers=B1)
+        refused = await statuses(client, url, 5, headers=B1)
+        await asyncio.sleep(10.0)
+        after = await statuses(client, url, 2, headers=B1)
+    assert refused == [429] * 5
+    assert after == [200, 429]
+
+
+@pytest.mark.looptime
+async def test_moving_limiter_is_the_quota(client):
+    async with SimulatedAPI(quota=None, limiter=("moving", 2, 60.0)) as api:
+        url = api.url + "/contacts/1"
+        await get(client, url, headers=B1)
+        await asyncio.sleep(10.0)
+        got = await statuses(client, url, 2, headers=B1)
+        _, headers, _ = await get(client, url, headers=B1)
+    assert got == [200, 429]
+    assert headers["Retry-After"] == "50"
+
+
+@pytest.mark.looptime
+async def test_limiter_with_block_for_blocks_the_business(client):
+    async with SimulatedAPI(limiter=("leaky", 10.0, 0), block_for=60.0) as api:
+        url = api.url + "/contacts/1"
+        got = await statuses(client, url, 2, headers=B1)
+        await asyncio.sleep(30.0)
+        _, headers, _ = await get(client, url, headers=B1)
+    assert got == [200, 429]
+    assert headers["Retry-After"] == "30"
+
+
+# --- advertised limits -------------------------------------------------------------------
+
+
+async def test_no_rate_limit_headers_unless_advertised(client):
+    async with SimulatedAPI(limiter=("fixed", 1, 10.0)) as api:
+        _, ok, _ = await get(client, api.url + "/contacts/1")
+        _, refused, _ = await get(client, api.url + "/contacts/1")
+    assert not [h for h in (*ok, *refused) if "ratelimit" in h.lower()]
+
+
+@pytest.mark.looptime
+async def test_advertise_ietf_sends_the_policy_and_the_fixed_window_state(client):
+    async with SimulatedAPI(limiter=("fixed", 3, 10.0), advertise="ietf") as api:
+        url = api.url + "/contacts/1"
+        await asyncio.sleep(2.5)
+        seen = [(await get(client, url, headers=B1))[:2] for _ in range(4)]
+    assert [status for status, _ in seen] == [200, 200, 200, 429]
+    assert {h["RateLimit-Policy"] for _, h in seen} == {'"default";q=3;w=10'}
+    assert [h["RateLimit"] for _, h in seen] == [
+        '"default";r=2;t=8',
+        '"default";r=1;t=8',
+        '"default";r=0;t=8',
+        '"default";r=0;t=8',
+    ]
+
+
+async def test_advertise_true_is_the_ietf_dialect(client):
+    async with SimulatedAPI(quota=(5, 60.0), advertise=True) as api:
+        _, headers, _ = await get(client, api.url + "/contacts/1", headers=B1)
+    assert headers["RateLimit-Policy"] == '"default";q=5;w=60'
+    assert headers["RateLimit"] == '"default";r=4;t=60'
+
+
+@pytest.mark.looptime
+async def test_advertise_x_sends_the_moving_window_state_with_reset_in_seconds(client):
+    async with SimulatedAPI(quota=(2, 60.0), advertise="x") as api:
+        url = api.url + "/contacts/1"
+        _, first, _ = await get(client, url, headers=B1)
+        await asyncio.sleep(15.0)
+        _, second, _ = await get(client, url, headers=B1)
+        status, refused, _ = await get(client, url, headers=B1)
+    state = [
+        (h["X-RateLimit-Limit"], h["X-RateLimit-Remaining"], h["X-RateLimit-Reset"])
+        for h in (first, second, refused)
+    ]
+    assert status == 429
+    assert state == [("2", "1", "60"), ("2", "0", "45"), ("2", "0", "45")]
+    assert refused["Retry-After"] == "45"
+
+
+@pytest.mark.looptime
+async def test_advertise_legacy_sends_the_leaky_bucket_level_and_drain_time(client):
+    async with SimulatedAPI(limiter=("leaky", 2.0, 3), advertise="legacy") as api:
+        url = api.url + "/contacts/1"
+        seen = [(await get(client, url, headers=B1))[1] for _ in range(5)]
+        await asyncio.sleep(1.0)
+        _, later, _ = await get(client, url, headers=B1)
+    state = [
+        (h["RateLimit-Limit"], h["RateLimit-Remaining"], h["RateLimit-Reset"])
+        for h in (*seen, later)
+    ]
+    # capacity 4; level 1..4 after each admission, drained 2/s; after 1 s: 2 + 1
+    assert state == [
+        ("4", "3", "1"),
+        ("4", "2", "1"),
+        ("4", "1", "2"),
+        ("4", "0", "2"),
+        ("4", "0", "2"),
+        ("4", "1", "2"),
+    ]
+
+
+@pytest.mark.looptime
+async def test_advertised_state_counts_down_to_zero_while_blocked(client):
+    async with SimulatedAPI(quota=(1, 10.0), block_for=100.0, advertise="x") as api:
+        url = api.url + "/contacts/1"
+        await statuses(client, url, 2, headers=B1)
+        await asyncio.sleep(40.0)
+        _, headers, _ = await get(client, url, headers=B1)
+    assert (headers["X-RateLimit-Remaining"], headers["X-RateLimit-Reset"]) == ("0", "60")
+
+
+async def test_advertised_headers_are_on_every_limited_path_but_not_token(client):
+    async with SimulatedAPI(quota=(5, 60.0), advertise="x") as api:
+        _, missing, _ = await get(client, api.url + "/nowhere", headers=B1)
+        _, token, _ = await post(
+            client, api.url + "/token", data={"grant_type": "refresh_token"}
+        )
+    assert missing["X-RateLimit-Remaining"] == "4"
+    assert "X-RateLimit-Limit" not in token
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quota": (10, 60.0), "limiter": ("leaky", 5.0, 1)}, "limiter replaces quota"),
+        ({"limiter": ("token", 5.0, 1)}, "limiter must be"),
+        ({"limiter": ("leaky", 0.0, 1)}, "leaky rate"),
+        ({"limiter": ("leaky", 5.0, -1)}, "leaky burst"),
+        ({"limiter": ("leaky", 5.0, 1.5)}, "leaky burst"),
+        ({"limiter": ("fixed", 0, 10.0)}, "fixed limit"),
+        ({"limiter": ("fixed", 10, math.inf)}, "fixed window"),
+        ({"limiter": ("moving", 10, 0.0)}, "moving window"),
+        ({"advertise": "draft"}, "advertise must be"),
+        ({"quota": None, "advertise": True}, "advertise needs"),
+    ],
+)
+def test_invalid_limiter_or_advertise_raises_value_error_naming_it(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SimulatedAPI(**kwargs)
+
+
+def test_limiter_replaces_the_default_quota():
+    SimulatedAPI(limiter=("fixed", 10, 1.0))
+    SimulatedAPI(quota=None, limiter=("fixed", 10, 1.0))

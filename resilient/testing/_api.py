@@ -7,11 +7,15 @@ Every request goes through the same stages, in order:
 2. outage windows (503 for everything), then the seeded random 503s (``error_rate``,
    not on ``/token``);
 3. authentication (``auth=True``; not on ``/token``);
-4. the per-business quota (``X-Business``; not on ``/token``);
+4. the per-business rate limiter (``X-Business``; not on ``/token``): the ``quota``
+   moving window by default, or the ``limiter`` (a leaky bucket or a fixed window);
 5. the endpoint: ``fail_paths`` answer 500, unknown paths 404, wrong verbs 405.
 
+With ``advertise``, every response of a limited path then carries the limiter's state
+in RateLimit headers of the chosen dialect.
+
 All times are on the event loop's clock (``loop.time()``), so ``looptime`` fast-forwards
-quota windows, 24-hour blocks, token expiry and outages.
+quota windows, leaky buckets, 24-hour blocks, token expiry and outages.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from dataclasses import dataclass
 from datetime import date
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 
 from .. import _clock
 
 __all__ = [
+    "ADVERTISE_DIALECTS",
     "DEFAULT_ACCESS_TOKEN_TTL",
     "DEFAULT_CONTACTS",
     "DEFAULT_ITEMS_PER_PAGE",
     "DEFAULT_QUOTA",
     "FAULTS",
+    "LIMITERS",
     "MAX_ITEMS_PER_PAGE",
     "LogEntry",
     "SimulatedAPI",
@@ -63,6 +69,15 @@ DROPPED = 0
 
 FAULTS = frozenset({"503", "500", "429", "drop_before", "drop_after", "slow_after"})
 """Fault names :meth:`SimulatedAPI.inject` accepts."""
+LIMITERS = ("moving", "fixed", "leaky")
+"""Kinds of ``limiter=(kind, a, b)``: ``("moving", limit, window)`` (as ``quota``),
+``("fixed", limit, window)``, ``("leaky", rate, burst)``."""
+ADVERTISE_DIALECTS = ("ietf", "x", "legacy")
+"""Header dialects of ``advertise``: ``"ietf"`` (``RateLimit-Policy`` + ``RateLimit``,
+draft-ietf-httpapi-ratelimit-headers-11), ``"x"`` (``X-RateLimit-Limit/-Remaining/-Reset``)
+and ``"legacy"`` (``RateLimit-Limit/-Remaining/-Reset``); ``advertise=True`` is ``"ietf"``."""
+POLICY_NAME = "default"
+"""The name of the one quota policy in ``RateLimit-Policy`` / ``RateLimit``."""
 _STATUS_FAULTS = frozenset({"503", "500", "429"})
 _RETRY_AFTER_STYLES = ("seconds", "date", "none")
 _EPSILON = 1e-9  # float slack: a client that waits exactly Retry-After gets in
@@ -112,6 +127,147 @@ class LogEntry:
 class _Fault:
     kind: str
     delay: float
+
+
+class _Limit(Protocol):
+    """One business's rate-limiter state, on the loop clock.
+
+    ``admit(now)`` counts a request and returns ``None``, or refuses it (counting
+    nothing) and returns the seconds until a request would be admitted.
+    ``state(now)`` is ``(remaining, reset)``: requests admissible right now, and the
+    seconds until the state resets, as advertised (before rounding).
+    """
+
+    def admit(self, now: float) -> float | None: ...
+
+    def state(self, now: float) -> tuple[int, float]: ...
+
+
+class _MovingWindow:
+    """At most ``limit`` admitted requests in any moving window ``(now - window, now]``.
+
+    Refused: wait until the oldest counted request leaves the window. Advertised:
+    remaining = ``limit`` − requests counted in the window; reset = seconds until the
+    oldest of them leaves it (the next slot frees), ``window`` when none is counted.
+    """
+
+    __slots__ = ("_hits", "_limit", "_window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self._limit, self._window = limit, window
+        self._hits: deque[float] = deque()  # admitted request times, oldest first
+
+    def _expire(self, now: float) -> None:
+        hits = self._hits
+        while hits and hits[0] + self._window <= now + _EPSILON:
+            hits.popleft()
+
+    def admit(self, now: float) -> float | None:
+        self._expire(now)
+        if len(self._hits) < self._limit:
+            self._hits.append(now)
+            return None
+        return self._hits[0] + self._window - now
+
+    def state(self, now: float) -> tuple[int, float]:
+        self._expire(now)
+        reset = self._hits[0] + self._window - now if self._hits else self._window
+        return self._limit - len(self._hits), reset
+
+
+class _FixedWindow:
+    """At most ``limit`` admitted requests per fixed window ``[origin + k·window,
+    origin + (k+1)·window)``, the windows aligned on the server's start (``origin``).
+
+    Refused: wait until the next window starts. Advertised: remaining = ``limit`` −
+    requests admitted in the current window; reset = seconds until the next window.
+    """
+
+    __slots__ = ("_count", "_index", "_limit", "_origin", "_window")
+
+    def __init__(self, limit: int, window: float, origin: float) -> None:
+        self._limit, self._window, self._origin = limit, window, origin
+        self._index, self._count = 0, 0
+
+    def _roll(self, now: float) -> float:
+        """Enter the window holding ``now``; return the loop time it ends."""
+        index = math.floor((now - self._origin + _EPSILON) / self._window)
+        if index != self._index:
+            self._index, self._count = index, 0
+        return self._origin + (index + 1) * self._window
+
+    def admit(self, now: float) -> float | None:
+        end = self._roll(now)
+        if self._count < self._limit:
+            self._count += 1
+            return None
+        return end - now
+
+    def state(self, now: float) -> tuple[int, float]:
+        end = self._roll(now)
+        return self._limit - self._count, end - now
+
+
+class _LeakyBucket:
+    """nginx ``limit_req`` with ``nodelay``: a bucket of ``burst + 1`` requests draining
+    at ``rate`` per second.
+
+    ``level(now) = max(0, level − rate·(now − last))``; a request is admitted iff
+    ``level(now) ≤ burst`` (its own drop fits), and then adds 1; a refused request adds
+    nothing. (nginx's ``excess`` is ``level − 1`` after an admission: it admits iff the
+    new excess ≤ ``burst``; so ``burst + 1`` requests pass at once, then one per
+    ``1/rate`` s.) Refused: wait ``(level(now) − burst) / rate``, until one slot frees.
+    Advertised: remaining = ``burst + 1 − ceil(level(now))``, the requests admissible at
+    once; reset = ``level(now) / rate``, the seconds for the bucket to drain fully.
+    """
+
+    __slots__ = ("_burst", "_last", "_level", "_rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, burst
+        self._level, self._last = 0.0, -math.inf
+
+    def _drain(self, now: float) -> float:
+        if now > self._last:
+            self._level = max(0.0, self._level - self._rate * (now - self._last))
+            self._last = now
+        return self._level
+
+    def admit(self, now: float) -> float | None:
+        level = self._drain(now)
+        if level <= self._burst + _EPSILON:
+            self._level = level + 1.0
+            return None
+        return (level - self._burst) / self._rate
+
+    def state(self, now: float) -> tuple[int, float]:
+        level = self._drain(now)
+        return max(0, self._burst + 1 - math.ceil(level - _EPSILON)), level / self._rate
+
+
+def _policy(kind: str, a: float, b: float) -> tuple[int, float]:
+    """The advertised quota policy ``(q, w)`` of a limiter: ``(limit, window)`` for the
+    windows; a leaky bucket has no window, so ``(burst + 1, (burst + 1) / rate)``: its
+    capacity and the time it takes to drain from full."""
+    if kind == "leaky":
+        return int(b) + 1, (int(b) + 1) / a
+    return int(a), b
+
+
+def _rate_limit_headers(
+    dialect: str, policy: tuple[int, float], remaining: int, reset: float
+) -> dict[str, str]:
+    """The limiter's state in ``dialect``; seconds are whole, rounded up (a client that
+    waits ``reset`` is never early), the window at least 1."""
+    quota, window = policy
+    left, until = str(max(0, remaining)), str(max(0, math.ceil(reset - _EPSILON)))
+    if dialect == "ietf":
+        return {
+            "RateLimit-Policy": f'"{POLICY_NAME}";q={quota};w={max(1, math.ceil(window))}',
+            "RateLimit": f'"{POLICY_NAME}";r={left};t={until}',
+        }
+    prefix = "X-RateLimit" if dialect == "x" else "RateLimit"
+    return {f"{prefix}-Limit": str(quota), f"{prefix}-Remaining": left, f"{prefix}-Reset": until}
 
 
 def error_body(
@@ -172,9 +328,35 @@ def _is_iso_date(value: object) -> bool:
     return True
 
 
+def _validate_limiter(
+    quota: tuple[int, float] | None, limiter: tuple[str, float, float] | None
+) -> None:
+    if limiter is None:
+        return
+    if not isinstance(limiter, tuple) or len(limiter) != 3 or limiter[0] not in LIMITERS:
+        raise ValueError(f"limiter must be (kind, a, b) with kind in {LIMITERS}, got {limiter!r}")
+    if quota is not None and quota != DEFAULT_QUOTA:
+        raise ValueError(
+            f"limiter replaces quota: pass quota=None or leave it out, got quota={quota!r}"
+        )
+    kind, a, b = limiter
+    if kind == "leaky":
+        if not 0 < a < math.inf:
+            raise ValueError(f"limiter: leaky rate must be finite > 0 per second, got {a!r}")
+        if not isinstance(b, int) or b < 0:
+            raise ValueError(f"limiter: leaky burst must be an int >= 0, got {b!r}")
+        return
+    if not isinstance(a, int) or a < 1:
+        raise ValueError(f"limiter: {kind} limit must be an int >= 1, got {a!r}")
+    if not 0 < b < math.inf:
+        raise ValueError(f"limiter: {kind} window must be finite seconds > 0, got {b!r}")
+
+
 def _validate(
     *,
     quota: tuple[int, float] | None,
+    limiter: tuple[str, float, float] | None,
+    advertise: bool | str,
     retry_after: str,
     block_for: float | None,
     error_rate: float,
@@ -189,6 +371,13 @@ def _validate(
             raise ValueError(f"quota: limit must be an int >= 1, got {limit!r}")
         if not window > 0 or math.isinf(window):
             raise ValueError(f"quota: window must be finite seconds > 0, got {window!r}")
+    _validate_limiter(quota, limiter)
+    if not isinstance(advertise, bool) and advertise not in ADVERTISE_DIALECTS:
+        raise ValueError(
+            f"advertise must be a bool or one of {ADVERTISE_DIALECTS}, got {advertise!r}"
+        )
+    if advertise is not False and quota is None and limiter is None:
+        raise ValueError("advertise needs a limiter or a quota to advertise, got neither")
     if retry_after not in _RETRY_AFTER_STYLES:
         raise ValueError(f"retry_after must be one of {_RETRY_AFTER_STYLES}, got {retry_after!r}")
     if block_for is not None and not 0 < block_for < math.inf:
@@ -215,6 +404,21 @@ class SimulatedAPI:
     ``window`` seconds (every path but ``/token``; refused requests do not count); the
     next one gets 429 with ``Retry-After`` = seconds until the window frees (rounded up),
     or, with ``block_for``, the business is refused for ``block_for`` seconds.
+    ``limiter`` replaces ``quota`` with another per-business limiter the client is not
+    told (``quota`` must then be left out or ``None``; refused requests never count):
+    ``("leaky", rate, burst)``, nginx's ``limit_req ... nodelay``: ``burst + 1`` requests
+    at once, then ``rate`` per second (see :class:`_LeakyBucket`);
+    ``("fixed", limit, window)``: ``limit`` per window, windows aligned on :meth:`start`;
+    ``("moving", limit, window)``: the same as ``quota=(limit, window)``.
+    A 429 says, in ``Retry-After``, the seconds until a request would be admitted.
+    ``advertise`` (``True`` = ``"ietf"``, ``"x"``, ``"legacy"``; default ``False``): every
+    response of a limited path (every path but ``/token``) carries the limiter's state
+    for the business after the request, in RateLimit headers of that dialect (see
+    :data:`ADVERTISE_DIALECTS`): the quota ``q``/Limit, what ``r``/Remaining admits at
+    once, and ``t``/Reset in whole seconds, rounded up. Windows: the limit and window,
+    exact remaining, reset = until the next slot frees (moving) or the next window
+    (fixed). Leaky bucket: limit ``burst + 1``, window ``(burst + 1) / rate``, remaining
+    ``burst + 1 − ceil(level)``, reset = until the bucket has drained fully.
     ``retry_after`` says how 429s tell the time: ``"seconds"``, ``"date"`` (HTTP-date,
     rounded up to the second plus one second of slack) or ``"none"``.
     ``error_rate``: seeded random 503s (no ``Retry-After``); ``outages``: ``(start, end)``
@@ -228,6 +432,8 @@ class SimulatedAPI:
         self,
         *,
         quota: tuple[int, float] | None = DEFAULT_QUOTA,
+        limiter: tuple[Literal["leaky", "fixed", "moving"], float, float] | None = None,
+        advertise: bool | Literal["ietf", "x", "legacy"] = False,
         retry_after: Literal["seconds", "date", "none"] = "seconds",
         block_for: float | None = None,
         error_rate: float = 0.0,
@@ -241,6 +447,8 @@ class SimulatedAPI:
     ) -> None:
         _validate(
             quota=quota,
+            limiter=limiter,
+            advertise=advertise,
             retry_after=retry_after,
             block_for=block_for,
             error_rate=error_rate,
@@ -249,7 +457,13 @@ class SimulatedAPI:
             access_token_ttl=access_token_ttl,
             contacts=contacts,
         )
-        self._quota = quota
+        self._limiter: tuple[str, float, float] | None = (
+            limiter if limiter is not None else None if quota is None else ("moving", *quota)
+        )
+        self._advertise: str | None = (
+            None if advertise is False else "ietf" if advertise is True else advertise
+        )
+        self._policy = _policy(*self._limiter) if self._limiter is not None else (0, 0.0)
         self._retry_after = retry_after
         self._block_for = block_for
         self._error_rate = error_rate
@@ -279,7 +493,7 @@ class SimulatedAPI:
             for i in range(1, contacts + 1)
         ]
         self._faults: dict[str, deque[_Fault]] = {}
-        self._hits: dict[str, deque[float]] = {}  # business -> admitted request times
+        self._limits: dict[str, _Limit] = {}  # business -> its limiter state
         self._blocked: dict[str, float] = {}  # business -> loop time the block ends
         self._access: dict[str, float] = {}  # access token -> loop time it expires
         self._refresh: set[str] = set()  # refresh tokens that may still be used (once)
@@ -420,6 +634,8 @@ class SimulatedAPI:
             response = await self._respond(request, business, now)
             if fault.kind == "drop_after":
                 return self._drop(request, business, now)
+        if self._advertise is not None and request.path != _TOKEN_PATH:
+            response.headers.update(self._advertised(business or DEFAULT_BUSINESS, now))
         self.log.append(LogEntry(now, request.method, request.path, business, response.status))
         if fault is not None and fault.kind == "slow_after":
             await asyncio.sleep(fault.delay)
@@ -437,7 +653,7 @@ class SimulatedAPI:
             return _error(503, "ServiceUnavailable")
         if self._auth and (denied := self._authenticate(request, now)) is not None:
             return denied
-        if self._quota is not None:
+        if self._limiter is not None:
             wait = self._admit(business or DEFAULT_BUSINESS, now)
             if wait is not None:
                 return self._too_many(wait)
@@ -469,32 +685,49 @@ class SimulatedAPI:
             )
         return None
 
-    def _admit(self, business: str, now: float) -> float | None:
-        """Count a request of ``business``; ``None`` if within quota, else seconds to wait.
+    def _limit(self, business: str) -> _Limit:
+        """``business``'s limiter state, created on its first request."""
+        limit = self._limits.get(business)
+        if limit is None:
+            assert self._limiter is not None
+            kind, a, b = self._limiter
+            if kind == "leaky":
+                limit = _LeakyBucket(a, int(b))
+            elif kind == "fixed":
+                limit = _FixedWindow(int(a), b, self._t0)
+            else:
+                limit = _MovingWindow(int(a), b)
+            self._limits[business] = limit
+        return limit
 
-        Moving window: admitted if fewer than ``limit`` admitted requests lie in
-        ``(now - window, now]``. Over the limit with ``block_for``: blocked until
-        ``now + block_for``.
+    def _admit(self, business: str, now: float) -> float | None:
+        """Count a request of ``business``; ``None`` if admitted, else seconds to wait.
+
+        The limiter decides (see the class docstring). Refused with ``block_for``: the
+        business is blocked until ``now + block_for``.
         """
         blocked_until = self._blocked.get(business)
         if blocked_until is not None:
             if now < blocked_until:
                 return blocked_until - now
             del self._blocked[business]
-        assert self._quota is not None
-        limit, window = self._quota
-        hits = self._hits.get(business)
-        if hits is None:
-            hits = self._hits[business] = deque()
-        while hits and hits[0] + window <= now + _EPSILON:
-            hits.popleft()
-        if len(hits) < limit:
-            hits.append(now)
+        wait = self._limit(business).admit(now)
+        if wait is None:
             return None
         if self._block_for is not None:
             self._blocked[business] = now + self._block_for
             return self._block_for
-        return hits[0] + window - now
+        return wait
+
+    def _advertised(self, business: str, now: float) -> dict[str, str]:
+        """The RateLimit headers of ``business``'s limiter now (nothing left while blocked)."""
+        assert self._advertise is not None
+        blocked_until = self._blocked.get(business)
+        if blocked_until is not None and now < blocked_until:
+            remaining, reset = 0, blocked_until - now
+        else:
+            remaining, reset = self._limit(business).state(now)
+        return _rate_limit_headers(self._advertise, self._policy, remaining, reset)
 
     def _too_many(self, wait: float) -> web.Response:
         return _error(429, "TooManyRequests", headers=self._retry_after_header(wait))
