@@ -13,6 +13,11 @@ windows) so that a scenario whose server-side times are scaled down stays compar
 - ``tenacity``: an ``AsyncRetrying`` loop, the usual recipe: 4 attempts, retry on 429/5xx
   and ``aiohttp.ClientError``, ``wait_exponential_jitter(max=60)``.
 - ``naive``: up to 4 attempts with a fixed 1 s sleep on 429/5xx or a ClientError.
+
+Variants for scenarios that compare configurations (not in ``CLIENTS``):
+:class:`ChainClient` (``resilient.session(*policies())`` with exactly the policies
+given, the library's own defaults, nothing scaled; see :func:`default_chain`) and
+:class:`AiohttpRetry429Client` (aiohttp-retry with 429 added to its statuses).
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ from ._harness import BUSINESS, Outcome
 
 __all__ = [
     "CLIENTS",
+    "AiohttpRetry429Client",
+    "ChainClient",
     "Client",
     "ClientSpec",
     "PassthroughClient",
     "ResilientOptions",
     "build_policies",
+    "default_chain",
     "launch",
     "make_clients",
     "timed",
@@ -162,6 +170,47 @@ class AiohttpRetryClient(Client):
         async with self.retry_client.request(method, url, headers=headers) as resp:
             await resp.read()
             return resp.status
+
+
+class AiohttpRetry429Client(AiohttpRetryClient):
+    """aiohttp-retry as a user would set it up for a rate-limited API: ``ExponentialRetry``
+    with 429 added to its statuses (besides every 5xx), :data:`ATTEMPTS` attempts."""
+
+    name = "aiohttp-retry +429"
+
+    async def __aenter__(self) -> Self:
+        from aiohttp_retry import ExponentialRetry, RetryClient
+
+        s = self.scale
+        options = ExponentialRetry(
+            attempts=ATTEMPTS, statuses={429}, start_timeout=0.1 * s, max_timeout=30.0 * s
+        )
+        self.session = aiohttp.ClientSession()
+        self.retry_client = RetryClient(client_session=self.session, retry_options=options)
+        return self
+
+
+def default_chain(*extra: Any) -> tuple[Any, ...]:
+    """``Retry(), CircuitBreaker(), RateLimitBackoff()`` with the library's defaults (no
+    Throttle: the server's rate is not known), then ``extra`` policies."""
+    import resilient
+
+    return (resilient.Retry(), resilient.CircuitBreaker(), resilient.RateLimitBackoff(), *extra)
+
+
+class ChainClient(Client):
+    """``resilient.session(*policies())``: exactly these policies, nothing scaled."""
+
+    name = "resilient (chain)"
+
+    def __init__(self, policies: Callable[[], Sequence[Any]] = default_chain) -> None:
+        super().__init__()
+        self.policies = policies
+
+    def _session(self) -> aiohttp.ClientSession:
+        import resilient
+
+        return resilient.session(*self.policies())
 
 
 class TenacityClient(Client):

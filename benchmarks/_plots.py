@@ -1,5 +1,6 @@
 """PNG plots (matplotlib, Agg backend): request rate against the quota, the 429 storm,
-the latency CDF under a flaky server, server load during an outage, CPU per request."""
+the latency CDF under a flaky server, server load during an outage, CPU per request,
+the sending rate against an unknown or advertised limit."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ COLORS = {
     "aiohttp-retry": "#ff7f0e",
     "tenacity": "#2ca02c",
     "naive": "#d62728",
+    "resilient default chain": "#1f77b4",
+    "aiohttp-retry +429": "#ff7f0e",
 }
 
 
@@ -128,6 +131,44 @@ def _overhead(result: ScenarioResult, plt: Any) -> Any:
     return fig
 
 
+def _sending_rate(result: ScenarioResult, plt: Any) -> Any:
+    """Per server set-up (rows) and client (columns): server arrivals per second in
+    buckets of ``series["bucket"]`` s, accepted stacked under 429, against the server's
+    sustained rate R (dashed)."""
+    width: float = result.series["bucket"]
+    runs: dict[str, dict[str, Any]] = result.series["runs"]
+    labels = list(dict.fromkeys(label for run in runs.values() for label in run["arrivals"]))
+    fig, axes = plt.subplots(
+        len(runs), len(labels), squeeze=False, figsize=(5.5 * len(labels), 2.6 * len(runs) + 0.8)
+    )
+    for row, (server, run) in zip(axes, runs.items(), strict=True):
+        logs: dict[str, list[tuple[float, int]]] = run["arrivals"]
+        end = max((t for log in logs.values() for t, _ in log), default=1.0)
+        edges = [i * width for i in range(int(end / width) + 2)]
+        for ax, label in zip(row, labels, strict=True):
+            log = logs.get(label, [])
+            accepted = [t for t, s in log if s != 429]
+            refused = [t for t, s in log if s == 429]
+            ax.hist(
+                [accepted, refused],
+                bins=edges,
+                stacked=True,
+                weights=[[1 / width] * len(accepted), [1 / width] * len(refused)],
+                color=[_color(label), "#d62728"],
+                label=["accepted", "429"],
+            )
+            ax.axhline(run["rate"], color="black", linestyle="--", linewidth=1,
+                       label=f"R = {run['rate']:g}/s")
+            ax.set_title(f"{label}: {server}", fontsize=9)
+            ax.set_ylabel("req/s at the server")
+            ax.legend(loc="upper right", fontsize=7)
+            ax.set_xlim(-2 * width, edges[-1])  # keep the first bucket clear of the spine
+    for ax in axes[-1]:
+        ax.set_xlabel(f"seconds (virtual), {width:g} s buckets")
+    fig.suptitle("Sending rate against the server's limit: accepted (colour) and 429 (red)")
+    return fig
+
+
 PLOTS: dict[str, Callable[[ScenarioResult, Any], Any]] = {
     "overhead": _overhead,
     "quota": _quota,
@@ -135,6 +176,8 @@ PLOTS: dict[str, Callable[[ScenarioResult, Any], Any]] = {
     "flaky": _flaky,
     "outage": _outage,
     "shared": _quota,
+    "unknown": _sending_rate,
+    "advertised": _sending_rate,
 }
 
 

@@ -6,6 +6,7 @@ the server saw), not speed: no assertion here reads a timing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -14,7 +15,18 @@ import pytest
 from benchmarks import __main__ as cli
 from benchmarks._harness import Config, Progress, ScenarioResult, percentile
 from benchmarks._report import fmt, text_report
-from benchmarks.scenarios import SCENARIOS, day, flaky, outage, quota, scale, shared, storm
+from benchmarks.scenarios import (
+    SCENARIOS,
+    advertised,
+    day,
+    flaky,
+    outage,
+    quota,
+    scale,
+    shared,
+    storm,
+    unknown,
+)
 
 TINY = Config(tiny=True)
 CLIENTS = {"aiohttp", "resilient", "aiohttp-retry", "tenacity", "naive"}
@@ -113,6 +125,83 @@ def test_shared_counts_two_scripts_per_request_and_no_429_on_the_shared_quota() 
     assert alone["429s received"] >= total - shared.QUOTA  # each process spent the quota
     assert together["429s received"] == 0
     assert together["max in any 1 s"] <= shared.QUOTA
+
+
+@pytest.fixture(scope="module")
+def unknown_result() -> ScenarioResult:
+    return run("unknown")
+
+
+def test_unknown_measures_every_client_against_both_limits(
+    unknown_result: ScenarioResult,
+) -> None:
+    limits = unknown._limits(TINY)
+    rows = unknown_result.rows
+    assert len(rows) == unknown.units(TINY) == 12
+    for limit in limits:
+        mine = {r["client"]: r for r in rows if r["server"] == limit.label}
+        assert set(mine) == {spec.label for spec in unknown._specs(limit)}
+        assert all(r["server req / call"] >= 1.0 for r in mine.values())  # type: ignore[operator]
+    assert [t.verdict for t in unknown_result.targets].count("n/a") == 0
+    assert len(unknown_result.targets) == 3 * len(limits)
+
+
+def test_unknown_raw_aiohttp_gets_what_the_limit_admits_at_once_and_429_for_the_rest(
+    unknown_result: ScenarioResult,
+) -> None:
+    bucket, window = unknown._limits(TINY)
+    raw = {r["server"]: r for r in unknown_result.rows if r["client"] == unknown.RAW}
+    burst, limit = int(bucket.limiter[2]) + 1, int(window.limiter[1])
+    assert raw[bucket.label]["calls done"] == f"{burst}/{bucket.calls}"
+    assert raw[window.label]["calls done"] == f"{limit}/{window.calls}"
+    assert raw[bucket.label]["429 % of calls"] == 100.0 * (bucket.calls - burst) / bucket.calls
+    assert raw[window.label]["server req / call"] == 1.0
+
+
+def test_unknown_plots_the_sending_rate_of_the_chain_and_a_baseline(
+    unknown_result: ScenarioResult, tmp_path: Path
+) -> None:
+    from benchmarks._plots import write_plots
+
+    for run_series in unknown_result.series["runs"].values():
+        assert list(run_series["arrivals"]) == [unknown.DEFAULT, unknown.BASELINE]
+    assert write_plots(tmp_path, [unknown_result]) == {"unknown": "unknown.png"}
+    assert (tmp_path / "unknown.png").stat().st_size > 0
+
+
+def test_unknown_ideal_is_the_fastest_schedule_the_limiter_allows() -> None:
+    bucket = unknown.Limit("b", ("leaky", 50.0, 5), 50.0, calls=106)
+    window = unknown.Limit("w", ("fixed", 100, 10.0), 10.0, calls=250)
+    assert bucket.ideal == 2.0  # 6 at once, then 100 at 50/s
+    assert window.ideal == 20.0  # 100 at 0 s, 10 s and 20 s
+    assert window.ideal_for(100) == 0.0
+    assert window.cutoff == 75.0
+
+
+def test_unknown_cuts_off_a_client_that_does_not_finish_in_virtual_time() -> None:
+    from benchmarks._clients import HEADERS, Client
+    from benchmarks._harness import run_virtual
+
+    class Stuck(Client):
+        async def request(self, method: str, url: str, headers: dict[str, str] = HEADERS) -> int:
+            await asyncio.sleep(1e6)
+            return 200
+
+    limit = unknown.Limit("b", ("leaky", 10.0, 0), 10.0, calls=20)
+    result = run_virtual(unknown.closed_loop(Stuck, limit, wall_limit=20.0, callers=5))
+    assert (result.cut, result.started, result.outcomes) == ("6 s", 5, [])
+    assert result.elapsed == pytest.approx(6.0)
+
+
+def test_advertised_raw_aiohttp_is_refused_beyond_the_advertised_window() -> None:
+    result = run("advertised")
+    for limit in advertised._limits(TINY):
+        rows = {r["client"]: r for r in result.rows if r["server"] == limit.label}
+        assert set(rows) == {spec.label for spec in advertised.SPECS}
+        assert rows[unknown.RAW]["calls done"] == f"{int(limit.limiter[1])}/{limit.calls}"
+    assert len(result.targets) == 6
+    goals = {t.goal for t in result.targets}
+    assert "0 × 429" in goals
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -5,11 +5,35 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import day, flaky, inprocess, outage, overhead, quota, scale, shared, storm
+from . import (
+    advertised,
+    day,
+    flaky,
+    inprocess,
+    outage,
+    overhead,
+    quota,
+    scale,
+    shared,
+    storm,
+    unknown,
+)
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (overhead, inprocess, quota, storm, flaky, outage, day, scale, shared)
+    for module in (
+        overhead,
+        inprocess,
+        quota,
+        storm,
+        flaky,
+        outage,
+        day,
+        scale,
+        shared,
+        unknown,
+        advertised,
+    )
 }
 
 __all__ = ["SCENARIOS"]
