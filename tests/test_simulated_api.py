@@ -741,9 +741,7 @@ async def test_advertised_state_counts_down_to_zero_while_blocked(client):
 async def test_advertised_headers_are_on_every_limited_path_but_not_token(client):
     async with SimulatedAPI(quota=(5, 60.0), advertise="x") as api:
         _, missing, _ = await get(client, api.url + "/nowhere", headers=B1)
-        _, token, _ = await post(
-            client, api.url + "/token", data={"grant_type": "refresh_token"}
-        )
+        _, token, _ = await post(client, api.url + "/token", data={"grant_type": "refresh_token"})
     assert missing["X-RateLimit-Remaining"] == "4"
     assert "X-RateLimit-Limit" not in token
 
@@ -771,3 +769,27 @@ def test_invalid_limiter_or_advertise_raises_value_error_naming_it(kwargs, messa
 def test_limiter_replaces_the_default_quota():
     SimulatedAPI(limiter=("fixed", 10, 1.0))
     SimulatedAPI(quota=None, limiter=("fixed", 10, 1.0))
+
+
+async def test_leaky_bucket_answers_like_nginx_limit_req_on_the_same_schedule(client):
+    """The same requests, on the real clock, to nginx's ``limit_req`` (1 r/s, burst 3,
+    nodelay) and to ``limiter=("leaky", 1.0, 3)``: the same statuses."""
+    from nginx_server import new_nginx_server
+
+    from resilient.testing import limit_req_config
+
+    async def schedule(url: str) -> list[int]:
+        first = [await status_of(url) for _ in range(6)]
+        await asyncio.sleep(1.1)  # 1.1 slots drain: one more fits, not two
+        return first + [await status_of(url) for _ in range(2)]
+
+    async def status_of(url: str) -> int:
+        async with client.get(url) as resp:
+            await resp.read()
+            return resp.status
+
+    with new_nginx_server(limit_req_config(1.0, 3)) as nginx:
+        real = await schedule(nginx.url + "/")
+    async with SimulatedAPI(limiter=("leaky", 1.0, 3)) as api:
+        simulated = await schedule(api.url + "/contacts/1")
+    assert real == simulated == [200] * 4 + [429] * 2 + [200, 429]
