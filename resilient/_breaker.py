@@ -1,12 +1,22 @@
-"""CircuitBreaker: fail fast while a host is down.
+"""CircuitBreaker: fail fast while a host is down, probe soon, back off while it stays down.
 
 Per key, the outcome of every attempt is counted in a sliding time window (10 buckets
-of ``window / 10`` seconds). A key's circuit moves
+of ``window / 10`` seconds) and in a run of consecutive failures. A key's circuit moves
 
-    closed --(>= min_calls calls, failures / calls >= failure_ratio)--> open
-    open --(open_for elapsed)--> half-open
-    half-open --(half_open_probes probes succeeded)--> closed (window emptied)
-    half-open --(a probe failed)--> open (for another open_for)
+    closed --(consecutive_failures failures in a row, or >= min_calls calls in the
+              window with failures / calls >= failure_ratio)--> open for open_for
+    open --(its break elapsed)--> half-open
+    half-open --(half_open_probes probes succeeded)--> closed (counts emptied, level 0)
+    half-open --(a probe failed)--> open for the next break (level + 1)
+
+The break after ``level`` failed probes (0: the trip from closed) is
+
+    nominal(level) = min(max_open_for, open_for × 2^level)
+    break(0) = open_for;  break(level >= 1) = max(open_for, nominal × (0.5 + 0.5 × u))
+
+with ``u`` uniform in [0, 1): doubled with jitter, never below ``open_for``, never above
+``max_open_for``. ``mode="adaptive"`` replaces the circuit with Google's client-side
+adaptive throttling (see :class:`_Throttled`).
 
 Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
 successes (the host is up). A cancellation, or an error that is not an outcome of the
@@ -18,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
@@ -36,34 +47,53 @@ from ._window import Window
 from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
 
 __all__ = [
+    "ADAPTIVE_K",
     "BUCKETS",
+    "DEFAULT_CONSECUTIVE_FAILURES",
     "DEFAULT_FAILURE_RATIO",
     "DEFAULT_HALF_OPEN_PROBES",
+    "DEFAULT_MAX_OPEN_FOR",
     "DEFAULT_MIN_CALLS",
+    "DEFAULT_MODE",
     "DEFAULT_OPEN_FOR",
     "DEFAULT_STORAGE",
     "DEFAULT_WINDOW",
     "CircuitBreaker",
+    "Mode",
     "is_failure",
+    "next_break",
+    "reject_probability",
 ]
+
+Mode = Literal["circuit", "adaptive"]
 
 DEFAULT_FAILURE_RATIO = 0.5
 """Open when at least half of the calls in the window failed."""
 DEFAULT_MIN_CALLS = 10
 """Calls the window must hold before the ratio is trusted."""
-DEFAULT_WINDOW = 30.0
-"""Seconds of outcomes the window counts."""
-DEFAULT_OPEN_FOR = 30.0
-"""Seconds the circuit stays open before it admits a probe."""
+DEFAULT_WINDOW = 2.0
+"""Seconds of outcomes the window counts (short: an outage shows within it)."""
+DEFAULT_CONSECUTIVE_FAILURES = 10
+"""Failures in a row that open the circuit whatever the window holds."""
+DEFAULT_OPEN_FOR = 1.0
+"""Seconds of the first break; the break after a failed probe doubles (with jitter)."""
+DEFAULT_MAX_OPEN_FOR = 2.0
+"""Longest break, in seconds (``max(DEFAULT_MAX_OPEN_FOR, open_for)`` when not given)."""
 DEFAULT_HALF_OPEN_PROBES = 1
 """Trial requests admitted at once while half-open; all must succeed to close."""
+DEFAULT_MODE: Mode = "circuit"
 DEFAULT_STORAGE = "memory://"
 BUCKETS = 10
 """Buckets in the window: it spans between 0.9 × and 1 × ``window`` seconds."""
+ADAPTIVE_K = 2.0
+"""``mode="adaptive"``: the K of the SRE book's rule (requests may be K × accepts)."""
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 _KIND = "circuit_breaker"
 _STATE_NAMES = ("closed", "open", "half_open")
+_MODES = ("circuit", "adaptive")
+_NEVER = 1 << 62
+"""``consecutive_failures=None``: a run no circuit reaches."""
 
 
 def is_failure(exc: BaseException) -> bool:
@@ -80,6 +110,25 @@ def is_failure(exc: BaseException) -> bool:
     )
 
 
+def next_break(open_for: float, max_open_for: float, level: int, u: float) -> float:
+    """Seconds of the break after ``level`` failed probes, ``u`` uniform in [0, 1).
+
+    ``level == 0``: ``open_for``; else ``max(open_for, nominal × (0.5 + 0.5 × u))`` with
+    ``nominal = min(max_open_for, open_for × 2^level)`` (the exponent is capped at 64, so
+    no overflow). The Lua script (``storage/lua/breaker.lua``) computes the same.
+    """
+    if level <= 0:
+        return open_for
+    nominal = min(max_open_for, open_for * 2.0 ** min(level, 64))
+    return max(open_for, nominal * (0.5 + 0.5 * u))
+
+
+def reject_probability(requests: int, accepts: int, k: float = ADAPTIVE_K) -> float:
+    """Google's client-side adaptive throttling (SRE book, "Handling Overload"):
+    ``max(0, (requests − k × accepts) / (requests + 1))``."""
+    return max(0.0, (requests - k * accepts) / (requests + 1))
+
+
 @dataclass(frozen=True, slots=True)
 class _Settings:
     failure_ratio: float
@@ -87,20 +136,33 @@ class _Settings:
     open_for: float
     half_open_probes: int
     width: float
+    consecutive: int = _NEVER
+    max_open_for: float = math.inf
 
 
 class _Circuit(Window):
-    """One key's breaker: its outcome window plus its state.
+    """One key's breaker: its outcome window, its run of failures, plus its state.
 
     ``epoch`` changes on every transition, so an outcome that arrives after the circuit
     moved on (a call admitted before it opened, a probe of an earlier half-open spell)
     is ignored. While open, ``until`` is when it half-opens; while half-open,
     ``admitted`` counts the probes let through (minus those that ended without an
     outcome) and ``until`` is when an unanswered probe is given up on (``open_for``
-    after the last admission).
+    after the last admission). ``streak``: failures in a row while closed; ``level``:
+    failed probes since the circuit last closed (the break grows with it).
     """
 
-    __slots__ = ("admitted", "epoch", "key", "settings", "state", "successes", "until")
+    __slots__ = (
+        "admitted",
+        "epoch",
+        "key",
+        "level",
+        "settings",
+        "state",
+        "streak",
+        "successes",
+        "until",
+    )
 
     def __init__(self, key: str, settings: _Settings) -> None:
         super().__init__(settings.width, BUCKETS)
@@ -111,6 +173,8 @@ class _Circuit(Window):
         self.until = 0.0
         self.admitted = 0
         self.successes = 0
+        self.streak = 0
+        self.level = 0
 
     def admit(self, now: float, request: ClientRequest | None = None) -> None:
         """Let one probe through (the circuit is not closed), or raise ``CircuitOpenError``."""
@@ -133,19 +197,26 @@ class _Circuit(Window):
             self._probe_done(now, failed)
             return
         self.add(now, failed)
-        if self.fails:
+        if failed:
+            self.streak += 1
             self._trip_if_over(now)
+        elif self.streak:
+            self.streak = 0
 
     def _trip_if_over(self, now: float) -> None:
-        """Open when calls >= min_calls and fails / calls >= failure_ratio."""
+        """Open on ``consecutive`` failures in a row, or when calls >= min_calls and
+        fails / calls >= failure_ratio."""
         fails, calls, settings = self.fails, self.calls, self.settings
-        if calls >= settings.min_calls and fails / calls >= settings.failure_ratio:
-            self._open(now, fails, calls)
+        if self.streak >= settings.consecutive:
+            self._open(now, f"{self.streak} failures in a row")
+        elif calls >= settings.min_calls and fails / calls >= settings.failure_ratio:
+            self._open(now, f"{fails} of {calls} calls failed")
 
     def _probe_done(self, now: float, failed: bool) -> None:
-        """A failed probe re-opens; ``half_open_probes`` successes close."""
+        """A failed probe re-opens for a longer break; ``half_open_probes`` successes close."""
         if failed:
-            self._open(now, 0, 0)
+            self.level += 1
+            self._open(now, "a probe failed")
         else:
             self.successes += 1
             if self.successes >= self.settings.half_open_probes:
@@ -160,22 +231,22 @@ class _Circuit(Window):
         """Nothing to remember beyond soft counts: closed, or its open/probe time is up."""
         return self.state == CLOSED or self.until <= _clock.now()
 
-    def _open(self, now: float, fails: int, calls: int) -> None:
+    def _open(self, now: float, why: str) -> None:
+        settings = self.settings
+        pause = next_break(settings.open_for, settings.max_open_for, self.level, random.random())
         self.state = OPEN
         self.epoch += 1
-        self.until = now + self.settings.open_for
+        self.until = now + pause
+        self.streak = 0
         if logger.isEnabledFor(logging.WARNING):
-            open_for = self.settings.open_for
-            why = f"{fails} of {calls} calls failed" if calls else "a probe failed"
             logger.warning(
                 "circuit_breaker: opened on %s (%s); failing fast for %s, half-open at %s",
                 self.key,
                 why,
-                human_duration(open_for),
-                _clock.wall_after(open_for).isoformat(timespec="seconds"),
+                human_duration(pause),
+                _clock.wall_after(pause).isoformat(timespec="seconds"),
             )
-        reason = f"{fails} of {calls} calls failed" if calls else "a probe failed"
-        _events.emit("circuit_opened", _KIND, self.key, delay=self.settings.open_for, reason=reason)
+        _events.emit("circuit_opened", _KIND, self.key, delay=pause, reason=why)
 
     def _half_open(self, *, overdue: bool) -> None:
         self.state = HALF_OPEN
@@ -194,7 +265,7 @@ class _Circuit(Window):
     def _close(self) -> None:
         self.state = CLOSED
         self.epoch += 1
-        self.admitted = self.successes = 0
+        self.admitted = self.successes = self.streak = self.level = 0
         self.clear()
         if logger.isEnabledFor(logging.INFO):
             logger.info(
@@ -205,31 +276,101 @@ class _Circuit(Window):
         _events.emit("circuit_closed", _KIND, self.key, reason="probes succeeded")
 
 
-class CircuitBreaker(Policy):
-    """Fail fast with ``CircuitOpenError`` while a key's recent calls mostly failed.
+class _Throttled(Window):
+    """``mode="adaptive"``: one key's client-side adaptive throttling (SRE book).
 
-    - ``failure_ratio`` in (0, 1] (default 0.5) and ``min_calls`` >= 1 (default 10):
-      open when the window holds at least ``min_calls`` calls and
-      failures / calls >= ``failure_ratio``.
-    - ``window`` seconds (default 30): outcomes older than this slide out (10 buckets,
+    The window counts ``requests`` (``calls``: every call, those rejected here included)
+    and the failures among them (``fails``: rejected here, or failed); accepts =
+    requests − fails. Once the window holds ``min_calls`` requests, a call is rejected
+    locally (``CircuitOpenError``, nothing sent) with probability
+    :func:`reject_probability` ``(requests, accepts)``, which is above 0 only while
+    requests > K × accepts (more than half of the calls fail, K = 2). ``state`` reads
+    ``OPEN`` while that holds (the caller then asks :meth:`admit`), else ``CLOSED``.
+    There are no probes and no epochs: every outcome counts.
+    """
+
+    __slots__ = ("epoch", "key", "min_calls", "state")
+
+    def __init__(self, key: str, settings: _Settings) -> None:
+        super().__init__(settings.width, BUCKETS)
+        self.key = key
+        self.min_calls = settings.min_calls
+        self.state = CLOSED
+        self.epoch = 0
+
+    def admit(self, now: float, request: ClientRequest | None = None) -> None:
+        """Reject with the SRE book's probability (counted as a request not accepted)."""
+        self.advance(now)
+        calls = self.calls
+        if calls >= self.min_calls:
+            p = reject_probability(calls, calls - self.fails)
+            if p > 0.0 and random.random() < p:
+                self.add(now, True)
+                _events.emit(
+                    "circuit_rejected", _KIND, self.key, request, delay=0.0, reason="adaptive"
+                )
+                raise CircuitOpenError(self.key, 0.0)
+        self._steer()
+
+    def record(self, now: float, failed: bool, epoch: int, probe: bool) -> None:
+        """Count one request's outcome."""
+        self.add(now, failed)
+        if failed or self.state:
+            self._steer()
+
+    def _steer(self) -> None:
+        calls = self.calls
+        self.state = OPEN if calls - ADAPTIVE_K * (calls - self.fails) > 0.0 else CLOSED
+
+    def release(self, epoch: int) -> None:
+        """Nothing is held."""
+
+    def is_idle(self) -> bool:
+        return True
+
+    @property
+    def until(self) -> float:
+        return 0.0
+
+    @property
+    def admitted(self) -> int:
+        return 0
+
+
+class CircuitBreaker(Policy):
+    """Fail fast with ``CircuitOpenError`` while a key's recent calls fail; probe soon.
+
+    - Opens on whichever comes first: ``consecutive_failures`` >= 1 failures in a row
+      (default 10; ``None``: off), or ``min_calls`` >= 1 calls (default 10) in the
+      window with failures / calls >= ``failure_ratio`` in (0, 1] (default 0.5).
+    - ``window`` seconds (default 2): outcomes older than this slide out (10 buckets,
       so the window spans 0.9 × to 1 × ``window``).
-    - ``open_for`` seconds (default 30): while open, requests raise
+    - ``open_for`` seconds (default 1): the first break. While open, requests raise
       ``CircuitOpenError(key, retry_after)`` without touching the network;
-      ``retry_after`` is the time left until half-open.
-    - ``half_open_probes`` >= 1 (default 1): after ``open_for``, at most this many
+      ``retry_after`` is the time left until half-open. After a failed probe the break
+      doubles with jitter up to ``max_open_for`` (default ``max(2, open_for)``):
+      ``max(open_for, min(max_open_for, open_for × 2^n) × U[0.5, 1))`` after the n-th
+      failed probe in a row; back to ``open_for`` once the circuit closes.
+    - ``half_open_probes`` >= 1 (default 1): after the break, at most this many
       trial requests are admitted in one half-open spell (a probe that succeeded keeps
       its slot; one that ended without an outcome gives it back); the rest raise
-      ``CircuitOpenError``. The circuit closes (window emptied) once
-      ``half_open_probes`` probes succeeded, and
-      re-opens for another ``open_for`` on the first probe failure. A probe unanswered
-      ``open_for`` after it was admitted is given up on and its slot reused.
+      ``CircuitOpenError``. The circuit closes (counts emptied) once
+      ``half_open_probes`` probes succeeded, and re-opens on the first probe failure.
+      A probe unanswered ``open_for`` after it was admitted is given up on and its
+      slot reused.
+    - ``mode``: ``"circuit"`` (default, the rules above) or ``"adaptive"``: Google's
+      client-side adaptive throttling instead of a circuit: once the window holds
+      ``min_calls`` requests, each call is rejected locally with probability
+      ``max(0, (requests − 2 × accepts) / (requests + 1))`` over the window (requests
+      include those rejected; ``failure_ratio``, ``consecutive_failures``, the breaks
+      and probes do not apply). In memory only.
     - ``key`` (default :func:`by_host`): one circuit per key. ``max_keys`` (default
       10 000) bounds the map: when full, closed circuits (their counts are soft state)
       and circuits whose open time is up are evicted oldest first.
     - ``storage``: ``"memory://"`` (default), or a Redis URI: one circuit per key for
-      every process (see :mod:`resilient.storage._breaker`; two round trips a request).
-      ``on_storage_error``: ``"raise"`` (``StorageError``, nothing sent) or ``"allow"``
-      (an in-memory breaker of this process decides while Redis fails).
+      every process, same rules (see :mod:`resilient.storage._breaker`; two round trips
+      a request). ``on_storage_error``: ``"raise"`` (``StorageError``, nothing sent) or
+      ``"allow"`` (an in-memory breaker of this process decides while Redis fails).
 
     Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
     successes. Cancellation is not an outcome (it frees a probe slot); note that
@@ -242,6 +383,7 @@ class CircuitBreaker(Policy):
         "_get",
         "_key",
         "_max_keys",
+        "_mode",
         "_settings",
         "_shared",
         "_storage",
@@ -263,6 +405,9 @@ class CircuitBreaker(Policy):
         storage: str = DEFAULT_STORAGE,
         max_keys: int = DEFAULT_MAX_KEYS,
         on_storage_error: OnStorageError = "raise",
+        consecutive_failures: int | None = DEFAULT_CONSECUTIVE_FAILURES,
+        max_open_for: float | None = None,
+        mode: Mode = DEFAULT_MODE,
     ) -> None:
         if not _real(failure_ratio) or not 0.0 < failure_ratio <= 1.0:
             raise ValueError(
@@ -273,21 +418,45 @@ class CircuitBreaker(Policy):
         _positive_seconds("open_for", open_for)
         _positive_int("half_open_probes", half_open_probes)
         _positive_int("max_keys", max_keys)
+        if consecutive_failures is not None:
+            _positive_int("consecutive_failures", consecutive_failures, "or None (off)")
+        if max_open_for is None:
+            max_open_for = max(DEFAULT_MAX_OPEN_FOR, float(open_for))
+        elif not _real(max_open_for) or not open_for <= max_open_for < math.inf:
+            raise ValueError(
+                "CircuitBreaker: max_open_for must be a finite number of seconds >= open_for"
+                f" ({open_for!r}), or None, got {max_open_for!r}"
+            )
+        if mode not in _MODES:
+            raise ValueError(f"CircuitBreaker: mode must be 'circuit' or 'adaptive', got {mode!r}")
         if not callable(key):
             raise ValueError(
                 f"CircuitBreaker: key must be a callable (request) -> str, got {key!r}"
             )
         storage = check("CircuitBreaker", storage)
         on_error = check_on_storage_error("CircuitBreaker", on_storage_error)
+        if mode == "adaptive" and is_shared(storage):
+            raise ValueError(
+                "CircuitBreaker: mode='adaptive' keeps its counts in memory; storage must be"
+                " 'memory://' with it"
+            )
         self._settings = settings = _Settings(
-            float(failure_ratio), min_calls, float(open_for), half_open_probes, window / BUCKETS
+            float(failure_ratio),
+            min_calls,
+            float(open_for),
+            half_open_probes,
+            window / BUCKETS,
+            _NEVER if consecutive_failures is None else consecutive_failures,
+            float(max_open_for),
         )
+        self._mode: Mode = mode
         self._window = float(window)
         self._key = key
         self._storage = storage
         self._max_keys = max_keys
-        self._circuits: KeyedState[_Circuit] = KeyedState(
-            _factory(settings), _Circuit.is_idle, max_keys
+        state = _Throttled if mode == "adaptive" else _Circuit
+        self._circuits: KeyedState[_Circuit | _Throttled] = KeyedState(
+            _factory(settings, state), _is_idle, max_keys
         )
         self._get = self._circuits.get
         self._shared = None
@@ -303,10 +472,11 @@ class CircuitBreaker(Policy):
                 half_open_probes=half_open_probes,
                 key=key,
                 max_keys=max_keys,
+                consecutive_failures=consecutive_failures,
+                max_open_for=max_open_for,
             )
-            shared = (settings.failure_ratio, min_calls, settings.open_for, half_open_probes)
             self._shared = SharedCircuits(
-                RedisStore(storage), (*shared, settings.width, BUCKETS), fallback, on_error
+                RedisStore(storage), settings, BUCKETS, fallback, on_error
             )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
@@ -340,14 +510,13 @@ class CircuitBreaker(Policy):
         return {key: _snapshot(circuit, now) for key, circuit in self._circuits.items()}
 
     def state(self, key: str) -> str:
-        """``"closed"``, ``"open"`` or ``"half_open"`` (open past ``open_for`` reads
-        half-open: the next request is a probe). Call it inside the event loop."""
+        """``"closed"``, ``"open"`` or ``"half_open"`` (open past its break reads
+        half-open: the next request is a probe; ``mode="adaptive"`` reads ``"open"``
+        while it may reject). Call it inside the event loop."""
         circuit = self._get(key)
         if circuit is None:
             return "closed"
-        if circuit.state == OPEN and circuit.until <= _clock.now():
-            return "half_open"
-        return _STATE_NAMES[circuit.state]
+        return _STATE_NAMES[_state_at(circuit, _clock.now())]
 
     @property
     def failure_ratio(self) -> float:
@@ -370,6 +539,19 @@ class CircuitBreaker(Policy):
         return self._settings.half_open_probes
 
     @property
+    def consecutive_failures(self) -> int | None:
+        consecutive = self._settings.consecutive
+        return None if consecutive == _NEVER else consecutive
+
+    @property
+    def max_open_for(self) -> float:
+        return self._settings.max_open_for
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
     def key(self) -> KeyFunc:
         return self._key
 
@@ -387,19 +569,31 @@ class CircuitBreaker(Policy):
         return (
             f"CircuitBreaker(failure_ratio={s.failure_ratio!r}, min_calls={s.min_calls},"
             f" window={self._window!r}, open_for={s.open_for!r},"
-            f" half_open_probes={s.half_open_probes}, key={key},"
+            f" half_open_probes={s.half_open_probes},"
+            f" consecutive_failures={self.consecutive_failures!r},"
+            f" max_open_for={s.max_open_for!r}, mode={self._mode!r}, key={key},"
             f" storage={redact(self._storage)!r}, max_keys={self._max_keys})"
         )
 
 
-def _snapshot(circuit: _Circuit, now: float) -> CircuitStats:
-    """``circuit`` at ``now``: open past ``until`` reads half-open, as in ``state()``."""
+def _is_idle(circuit: _Circuit | _Throttled) -> bool:
+    return circuit.is_idle()
+
+
+def _state_at(circuit: _Circuit | _Throttled, now: float) -> int:
+    """``circuit.state``, but open past ``until`` reads half-open (not in adaptive mode)."""
     state = circuit.state
-    if state == OPEN and circuit.until <= now:
-        state = HALF_OPEN
+    if state == OPEN and circuit.until <= now and not isinstance(circuit, _Throttled):
+        return HALF_OPEN
+    return state
+
+
+def _snapshot(circuit: _Circuit | _Throttled, now: float) -> CircuitStats:
+    """``circuit`` at ``now``: open past ``until`` reads half-open, as in ``state()``."""
+    state = _state_at(circuit, now)
     circuit.advance(now)  # slide the window to now (what the next outcome would do)
     calls, fails = circuit.calls, circuit.fails
-    retry_after = circuit.until - now if state == OPEN else 0.0
+    retry_after = max(0.0, circuit.until - now) if state == OPEN else 0.0
     return CircuitStats(
         key=circuit.key,
         state=_STATE_NAMES[state],
@@ -412,9 +606,11 @@ def _snapshot(circuit: _Circuit, now: float) -> CircuitStats:
     )
 
 
-def _factory(settings: _Settings) -> Callable[[str], _Circuit]:
-    def new_circuit(key: str) -> _Circuit:
-        return _Circuit(key, settings)
+def _factory(
+    settings: _Settings, state: type[_Circuit] | type[_Throttled]
+) -> Callable[[str], _Circuit | _Throttled]:
+    def new_circuit(key: str) -> _Circuit | _Throttled:
+        return state(key, settings)
 
     return new_circuit
 
@@ -424,9 +620,12 @@ def _real(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _positive_int(name: str, value: object) -> None:
+def _positive_int(name: str, value: object, alternative: str = "") -> None:
     if type(value) is not int or value < 1:
-        raise ValueError(f"CircuitBreaker: {name} must be an integer >= 1, got {value!r}")
+        alternative = f" {alternative}" if alternative else ""
+        raise ValueError(
+            f"CircuitBreaker: {name} must be an integer >= 1{alternative}, got {value!r}"
+        )
 
 
 def _positive_seconds(name: str, value: object) -> None:

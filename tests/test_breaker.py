@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
@@ -16,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from resilient import CircuitOpenError, RateLimited
-from resilient._breaker import CircuitBreaker
+from resilient._breaker import CircuitBreaker, next_break, reject_probability
 from resilient._window import Window
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,12 +27,14 @@ WINDOW = 10.0
 
 
 def breaker(**overrides: object) -> CircuitBreaker:
-    """A breaker that trips after 4 calls at a 50 % failure ratio."""
+    """A breaker that trips after 4 calls at a 50 % failure ratio (no run rule, one
+    fixed break unless ``max_open_for`` is given)."""
     options: dict[str, object] = {
         "min_calls": 4,
         "failure_ratio": 0.5,
         "window": WINDOW,
         "open_for": OPEN_FOR,
+        "consecutive_failures": None,
     }
     options.update(overrides)
     return CircuitBreaker(**options)
@@ -115,7 +118,8 @@ async def test_stays_closed_below_min_calls(server, client):
     [
         ((200, 200, 200, 500), "closed"),  # 25 %
         ((200, 200, 500, 500), "open"),  # 50 % reaches the ratio
-        ((500, 500, 500, 200), "open"),  # a success that completes min_calls can trip it
+        ((500, 500, 500, 200), "closed"),  # only a failure trips it (as in the Lua script)
+        ((200, 500, 500, 500), "open"),
     ],
 )
 async def test_opens_exactly_when_the_failure_ratio_is_reached(server, client, statuses, state):
@@ -207,11 +211,14 @@ async def test_old_failures_slide_out_of_the_window(server, client):
 @pytest.mark.looptime
 async def test_failures_within_the_window_still_count(server, client):
     cb = breaker()
-    server.script("/x", 500, 500)
-    await outcomes(client, server.url + "/x", cb, 500, 500)
+    server.script("/x", 500, 200)
+    await outcomes(client, server.url + "/x", cb, 500, 200)
     await asyncio.sleep(WINDOW * 0.8)
-    server.script("/x", 200, 200)
-    await outcomes(client, server.url + "/x", cb, 200, 200)
+    server.script("/x", 500)
+    await outcomes(client, server.url + "/x", cb, 500)
+    assert cb.state(key_of(server.url)) == "closed"  # 2 of 3: below min_calls
+    server.script("/x", 200, 500)
+    await outcomes(client, server.url + "/x", cb, 200, 500)
     assert cb.state(key_of(server.url)) == "open"
 
 
@@ -387,6 +394,176 @@ async def test_a_late_outcome_of_a_call_admitted_before_opening_is_ignored(serve
     assert cb.state(key_of(server.url)) == "closed"
 
 
+# --- fast detection, growing breaks (issue 13) ----------------------------------------
+
+
+async def refused_for(client, url: str, cb: CircuitBreaker) -> float:
+    """The ``retry_after`` of a call refused now (the circuit must be open)."""
+    with pytest.raises(CircuitOpenError) as caught:
+        await status(client, url, cb)
+    return caught.value.retry_after
+
+
+@pytest.mark.looptime
+async def test_consecutive_failures_open_a_circuit_whose_window_is_full_of_successes(
+    server, client
+):
+    cb = breaker(consecutive_failures=5, min_calls=4, window=1000.0)
+    server.default("/x", 200)
+    await outcomes(client, server.url + "/x", cb, *[200] * 50)
+    server.default("/x", 503)
+    await outcomes(client, server.url + "/x", cb, *[503] * 4)
+    assert cb.state(key_of(server.url)) == "closed"  # 4 of 54, 4 in a row
+    await outcomes(client, server.url + "/x", cb, 503)
+    assert cb.state(key_of(server.url)) == "open"
+    assert await refused_for(client, server.url + "/x", cb) == pytest.approx(OPEN_FOR, abs=0.01)
+
+
+@pytest.mark.looptime
+async def test_a_success_breaks_the_run_of_failures(server, client):
+    cb = breaker(consecutive_failures=3, min_calls=1000)
+    server.script("/x", 503, 503, 200, 503, 503, 200, 503, 503)
+    await outcomes(client, server.url + "/x", cb, 503, 503, 200, 503, 503, 200, 503, 503)
+    assert cb.state(key_of(server.url)) == "closed"
+    server.script("/x", 503)
+    await outcomes(client, server.url + "/x", cb, 503)
+    assert cb.state(key_of(server.url)) == "open"
+
+
+@pytest.mark.looptime
+async def test_the_short_window_forgets_old_successes_and_trips_on_the_ratio(server, client):
+    cb = CircuitBreaker(window=2.0, min_calls=10, consecutive_failures=None)
+    server.default("/x", 200)
+    for _ in range(100):  # a busy healthy spell: 10 s at 10 calls/s
+        await outcomes(client, server.url + "/x", cb, 200)
+        await asyncio.sleep(0.1)
+    server.default("/x", 503)
+    started = asyncio.get_running_loop().time()
+    while cb.state(key_of(server.url)) == "closed":
+        await outcomes(client, server.url + "/x", cb, 503)
+        await asyncio.sleep(0.1)
+    # The successes leave a 2 s window within 1 to 2 s: the failures outweigh them then.
+    assert asyncio.get_running_loop().time() - started <= 2.0
+
+
+@pytest.mark.looptime
+async def test_each_failed_probe_doubles_the_break_with_jitter_up_to_max_open_for(server, client):
+    open_for, max_open_for = 1.0, 16.0
+    cb = breaker(open_for=open_for, max_open_for=max_open_for)
+    await trip(client, server, cb)
+    url = server.url + "/x"
+    server.default("/x", 503)
+    breaks = [await refused_for(client, url, cb)]
+    for _ in range(8):
+        await asyncio.sleep(breaks[-1])
+        await outcomes(client, url, cb, 503)  # the probe fails
+        breaks.append(await refused_for(client, url, cb))
+    assert breaks[0] == pytest.approx(open_for, abs=0.01)
+    for level, pause in enumerate(breaks[1:], start=1):
+        nominal = min(max_open_for, open_for * 2**level)
+        assert max(open_for, nominal / 2) - 0.01 <= pause <= nominal + 0.01, (level, breaks)
+    assert max(breaks) <= max_open_for
+    assert sum(breaks[5:]) > 3 * max_open_for / 2  # at the cap: between 8 and 16 s each
+
+
+@pytest.mark.looptime
+async def test_closing_resets_the_break_to_open_for(server, client):
+    cb = breaker(open_for=1.0, max_open_for=60.0)
+    await trip(client, server, cb)
+    url = server.url + "/x"
+    server.default("/x", 503)
+    pause = await refused_for(client, url, cb)
+    for _ in range(4):  # four failed probes: the break is 8 to 16 s now
+        await asyncio.sleep(pause)
+        await outcomes(client, url, cb, 503)
+        pause = await refused_for(client, url, cb)
+    assert pause >= 8.0 - 0.01
+    await asyncio.sleep(pause)
+    server.default("/x", 200)
+    await outcomes(client, url, cb, 200)  # the probe succeeds: closed
+    assert cb.state(key_of(server.url)) == "closed"
+    await trip(client, server, cb)
+    assert await refused_for(client, url, cb) == pytest.approx(1.0, abs=0.01)
+
+
+@given(
+    open_for=st.floats(0.001, 100.0),
+    factor=st.floats(1.0, 1000.0),
+    level=st.integers(0, 10_000),
+    u=st.floats(0.0, 1.0, exclude_max=True),
+)
+def test_a_break_lies_between_open_for_and_the_doubled_nominal(open_for, factor, level, u):
+    max_open_for = open_for * factor
+    pause = next_break(open_for, max_open_for, level, u)
+    nominal = min(max_open_for, open_for * 2.0 ** min(level, 64))
+    assert open_for <= pause <= nominal
+    assert pause >= nominal / 2 or pause == open_for
+    if level == 0:
+        assert pause == open_for
+
+
+def test_breaks_at_the_cap_are_spread_by_the_jitter():
+    pauses = {next_break(1.0, 8.0, 10, u / 100) for u in range(100)}
+    assert min(pauses) == 4.0
+    assert max(pauses) == pytest.approx(8.0, abs=0.05)
+    assert len(pauses) == 100
+
+
+# --- mode="adaptive": client-side adaptive throttling ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requests", "accepts", "p"),
+    [
+        (0, 0, 0.0),
+        (10, 5, 0.0),
+        (10, 6, 0.0),
+        (10, 4, 2 / 11),
+        (10, 0, 10 / 11),
+        (100, 0, 100 / 101),
+    ],
+)
+def test_reject_probability_is_the_sre_books_formula(requests, accepts, p):
+    assert reject_probability(requests, accepts) == pytest.approx(p)
+
+
+@pytest.mark.looptime
+async def test_adaptive_mode_never_rejects_while_half_the_calls_succeed(server, client):
+    cb = CircuitBreaker(mode="adaptive", min_calls=4)
+    server.default("/x", 503)
+    server.script("/x", *[200, 503] * 100)
+    await outcomes(client, server.url + "/x", cb, *[200, 503] * 100)
+    assert cb.state(key_of(server.url)) == "closed"
+
+
+@pytest.mark.looptime
+async def test_adaptive_mode_rejects_most_calls_while_all_fail_and_lets_a_few_through(
+    server, client
+):
+    cb = CircuitBreaker(mode="adaptive", window=2.0, min_calls=10)
+    server.default("/x", 503)
+    refused = 0
+    for _ in range(400):  # 4 s at 100 calls/s
+        try:
+            await outcomes(client, server.url + "/x", cb, 503)
+        except CircuitOpenError:
+            refused += 1
+        await asyncio.sleep(0.01)
+    assert cb.state(key_of(server.url)) == "open"
+    sent = server.count("/x")
+    assert 10 <= sent <= 80  # about 1 / (requests in the window + 1) of the calls pass
+    assert sent + refused == 400
+    server.default("/x", 200)
+    ok = []
+    for _ in range(2000):  # recovering: each window's successes earn the next one's calls
+        with contextlib.suppress(CircuitOpenError):
+            ok.append(await status(client, server.url + "/x", cb) == 200)
+        await asyncio.sleep(0.01)
+    assert cb.state(key_of(server.url)) == "closed"
+    assert all(ok)
+    assert 200 < len(ok) < 2000  # slow: the rejections count as requests not accepted
+
+
 # --- memory -----------------------------------------------------------------------
 
 
@@ -465,6 +642,14 @@ async def test_transitions_are_logged(server, client, caplog):
         ("open_for", None),
         ("half_open_probes", 0),
         ("half_open_probes", 1.5),
+        ("consecutive_failures", 0),
+        ("consecutive_failures", 2.0),
+        ("consecutive_failures", True),
+        ("max_open_for", 0.5),  # below open_for (1 s)
+        ("max_open_for", float("inf")),
+        ("max_open_for", float("nan")),
+        ("max_open_for", "5"),
+        ("mode", "ratio"),
         ("key", "by_host"),
         ("max_keys", 0),
         ("max_keys", 10.0),
@@ -475,6 +660,11 @@ async def test_transitions_are_logged(server, client, caplog):
 def test_invalid_configuration_raises_value_error_naming_the_argument(argument, value):
     with pytest.raises(ValueError, match=argument):
         CircuitBreaker(**{argument: value})
+
+
+def test_adaptive_mode_with_a_redis_storage_is_refused_naming_the_mode():
+    with pytest.raises(ValueError, match="mode='adaptive'"):
+        CircuitBreaker(mode="adaptive", storage="redis://localhost:6379/0")
 
 
 def test_an_unknown_storage_is_refused_without_echoing_the_uri():
@@ -491,13 +681,20 @@ def test_a_redis_uri_is_accepted_and_its_password_never_shown():
 
 def test_defaults_and_repr():
     cb = CircuitBreaker()
-    assert (cb.failure_ratio, cb.min_calls, cb.window, cb.open_for) == (0.5, 10, 30.0, 30.0)
+    assert (cb.failure_ratio, cb.min_calls, cb.window, cb.open_for) == (0.5, 10, 2.0, 1.0)
+    assert (cb.consecutive_failures, cb.max_open_for, cb.mode) == (10, 2.0, "circuit")
     assert (cb.half_open_probes, cb.storage, cb.max_keys) == (1, "memory://", 10_000)
     assert repr(cb) == (
-        "CircuitBreaker(failure_ratio=0.5, min_calls=10, window=30.0, open_for=30.0,"
-        " half_open_probes=1, key=by_host, storage='memory://', max_keys=10000)"
+        "CircuitBreaker(failure_ratio=0.5, min_calls=10, window=2.0, open_for=1.0,"
+        " half_open_probes=1, consecutive_failures=10, max_open_for=2.0, mode='circuit',"
+        " key=by_host, storage='memory://', max_keys=10000)"
     )
     assert (cb.kind, cb.order) == ("circuit_breaker", 20)
+
+
+@pytest.mark.parametrize(("open_for", "expected"), [(0.5, 2.0), (2.0, 2.0), (60.0, 60.0)])
+def test_max_open_for_defaults_to_the_larger_of_two_seconds_and_open_for(open_for, expected):
+    assert CircuitBreaker(open_for=open_for).max_open_for == expected
 
 
 # --- the window counter -----------------------------------------------------------

@@ -5,16 +5,22 @@ closed, then ``record`` or ``release``), with explicit loop times. The model bel
 written from the ``CircuitBreaker`` docstring, not from the code:
 
 - closed: every call goes; outcomes of calls admitted while closed are counted in a
-  sliding window of 10 one-second buckets; at ``min_calls`` calls and a failure ratio
-  >= ``failure_ratio`` the circuit opens for ``open_for``;
+  sliding window of 10 one-second buckets and in a run of failures (a success ends
+  it); a failure that makes the run ``consecutive_failures`` long, or that leaves
+  ``min_calls`` calls and a failure ratio >= ``failure_ratio`` in the window, opens
+  the circuit for ``open_for``;
 - open: a call raises ``CircuitOpenError`` with ``retry_after`` = time left; once
-  ``open_for`` is over, the next call is a probe (half-open);
+  the break is over, the next call is a probe (half-open); the break after the n-th
+  failed probe since the circuit closed lies in
+  [max(open_for, nominal / 2), nominal], nominal = min(max_open_for, open_for × 2^n)
+  (the jitter is random: the model checks the bounds, then takes the circuit's value);
 - half-open: ``half_open_probes`` probe slots per spell; a probe holds its slot while
   in flight and after it succeeded (closing takes ``half_open_probes`` successes, so
   no more probes are in flight than it takes to close); a cancelled probe frees its
   slot; when all slots are taken and the last one was admitted ``open_for`` ago, the
   probes in flight are given up and a new half-open spell starts; one failed probe
-  re-opens, ``half_open_probes`` successes close and empty the window;
+  re-opens, ``half_open_probes`` successes close, empty the window and reset the
+  break to ``open_for``;
 - an outcome from an earlier spell (the circuit moved on meanwhile) is ignored.
 
 Times are multiples of 1/4 s so bucket boundaries are exact in binary floating point.
@@ -39,7 +45,7 @@ from hypothesis.stateful import (
 )
 
 from resilient import CircuitOpenError
-from resilient._breaker import BUCKETS, CLOSED, HALF_OPEN, OPEN, _Circuit, _Settings
+from resilient._breaker import _NEVER, BUCKETS, CLOSED, HALF_OPEN, OPEN, _Circuit, _Settings
 
 WIDTH = 1.0  # window = 10 s
 NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
@@ -67,22 +73,58 @@ class CircuitMachine(RuleBasedStateMachine):
         self.slots = 0  # half-open: probe slots taken in this spell (running or succeeded)
         self.successes = 0
         self.outcomes: list[tuple[float, bool]] = []  # closed-spell outcomes since the last close
+        self.streak = 0  # failures in a row while closed
+        self.level = 0  # failed probes since the circuit last closed
 
     @initialize(
         ratio=st.sampled_from([0.1, 0.25, 0.5, 0.75, 1.0]),
         min_calls=st.integers(1, 6),
         open_for=st.sampled_from([0.25, 1.0, 2.5, 30.0]),
         probes=st.integers(1, 3),
+        consecutive=st.sampled_from([1, 2, 3, 5, None]),
+        growth=st.sampled_from([1.0, 2.0, 8.0, 1000.0]),
     )
-    def configure(self, ratio: float, min_calls: int, open_for: float, probes: int) -> None:
+    def configure(
+        self,
+        ratio: float,
+        min_calls: int,
+        open_for: float,
+        probes: int,
+        consecutive: int | None,
+        growth: float,
+    ) -> None:
         self.ratio, self.min_calls, self.open_for, self.probes = ratio, min_calls, open_for, probes
-        self.circuit = _Circuit("k", _Settings(ratio, min_calls, open_for, probes, WIDTH))
+        self.consecutive = math.inf if consecutive is None else consecutive
+        self.max_open_for = open_for * growth
+        settings = _Settings(
+            ratio,
+            min_calls,
+            open_for,
+            probes,
+            WIDTH,
+            _NEVER if consecutive is None else consecutive,
+            self.max_open_for,
+        )
+        self.circuit = _Circuit("k", settings)
 
     # --- the model's transitions ----------------------------------------------------
 
     def _move(self, state: str) -> None:
         self.state = state
         self.spell += 1
+
+    def _open(self) -> None:
+        """Open for a break within the documented bounds (the circuit drew the jitter)."""
+        self._move("open")
+        self.streak = 0
+        pause = self.circuit.until - self.now
+        if self.level == 0:
+            assert pause == self.open_for
+        else:
+            nominal = min(self.max_open_for, self.open_for * 2.0**self.level)
+            low = max(self.open_for, nominal / 2)
+            assert low - 1e-9 <= pause <= nominal + 1e-9, (self.level, pause)
+        self.until = self.circuit.until
 
     def _window(self) -> tuple[int, int]:
         """(calls, fails) in the last ``BUCKETS`` one-second buckets as of the last
@@ -125,19 +167,25 @@ class CircuitMachine(RuleBasedStateMachine):
             return  # the circuit moved on since this call was admitted
         if call.probe:
             if failed:
-                self._move("open")
-                self.until = self.now + self.open_for
+                self.level += 1
+                self._open()
                 return
             self.successes += 1
             if self.successes >= self.probes:
                 self._move("closed")
                 self.outcomes.clear()
+                self.streak = self.level = 0
             return
         self.outcomes.append((self.now, failed))
+        if not failed:
+            self.streak = 0
+            return
+        self.streak += 1
         calls, fails = self._window()
-        if calls >= self.min_calls and fails / calls >= self.ratio:
-            self._move("open")
-            self.until = self.now + self.open_for
+        if self.streak >= self.consecutive or (
+            calls >= self.min_calls and fails / calls >= self.ratio
+        ):
+            self._open()
 
     @rule(call=consumes(calls))
     def cancel(self, call: Call) -> None:
@@ -170,12 +218,17 @@ class CircuitMachine(RuleBasedStateMachine):
         if self.state != "closed":
             assert self.circuit.until == self.until
 
+    @invariant()
+    def run_and_level_match(self) -> None:
+        assert (self.circuit.streak, self.circuit.level) == (self.streak, self.level)
+
 
 # --- stale outcomes, spelled out (the model finds these only with long runs) ----------
 
 
 def _circuit(probes: int = 1) -> _Circuit:
-    return _Circuit("k", _Settings(0.5, 2, 10.0, probes, WIDTH))
+    """Breaks of exactly 10 s (max_open_for = open_for): the spelled-out times hold."""
+    return _Circuit("k", _Settings(0.5, 2, 10.0, probes, WIDTH, _NEVER, 10.0))
 
 
 def _trip(circuit: _Circuit, now: float) -> None:

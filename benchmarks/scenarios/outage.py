@@ -1,65 +1,123 @@
-"""Scenario 5: an outage. Every request is answered 503 for 10 s, then healthy.
+"""Scenario 5: outages of 2, 4, 10 and 60 s at 100 calls/s, then healthy again.
 
 Runs on virtual time (a looptime loop, server and client in it), so the real durations
-and every client's real defaults are used: 30 s of healthy traffic (one breaker window:
-a client in its steady state), the 10 s outage, then 40 s healthy. Callers arrive
-open-loop at 100 per second. resilient also runs from a cold start (the outage begins 1 s
-after the first call), where its breaker has no history of successes.
+and every client's real defaults are used. For each outage length: ``LEAD`` seconds of
+healthy traffic (the breaker's window is warm), the outage (every request answered
+503), then ``AFTER`` seconds healthy. Callers arrive open-loop at 100 per second.
+resilient also runs cold (the outage begins ``COLD_LEAD`` s after the first call) and
+with ``CircuitBreaker(mode="adaptive")`` (Google's client-side adaptive throttling).
 
-Reported: requests reaching the server during the outage, the caller-seen fail-fast
-latency of ``CircuitOpenError`` (wall clock), and time to recover: from the end of the
-outage until every call started from then on succeeds (virtual seconds).
+Reported per outage and client: server requests per call during the outage, calls
+failed, time to the first success after the upstream is back (the first 2xx the server
+sends from the outage's end on), calls ok overall, and ok calls against raw aiohttp's in
+the same outage. ``python -m benchmarks.scenarios.outage --sweep`` compares breaker
+settings (how the defaults were chosen).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-from .._clients import ClientSpec, launch, make_clients
+import aiohttp
+
+from .._clients import Client, ClientSpec, ResilientOptions, build_policies, launch, make_clients
 from .._harness import (
     Config,
     Outcome,
     Progress,
     ScenarioResult,
+    Target,
     median,
     percentile,
     run_virtual,
 )
 
 NAME = "outage"
-TITLE = "5. Outage: 100 % 503 for 10 s, then healthy (virtual time)"
+TITLE = "5. Outages of 2-60 s at 100 calls/s: load, failures and recovery (virtual time)"
+OUTAGES = (2.0, 4.0, 10.0, 60.0)
 OUTAGE = 10.0
-LEAD = 30.0
-"""Seconds of healthy traffic before the outage: one breaker window (steady state)."""
+"""The outage drawn in the plot (and the only one of a tiny run)."""
+LEAD = 10.0
+"""Seconds of healthy traffic before the outage (several breaker windows: warm)."""
 COLD_LEAD = 1.0
-AFTER = 40.0
-"""Seconds after the outage: more than the breaker's open_for (30 s)."""
+AFTER = 10.0
+"""Seconds after the outage."""
 PATH = "/contacts/1"
 COLD = "resilient, cold start"
+ADAPTIVE = "resilient mode=adaptive"
+ADAPTIVE_COLD = "resilient mode=adaptive, cold"
+OLD = "resilient 0.1.0 breaker"
+LOAD_TARGET = 0.2
+"""Server requests per call during outages of 4 s and more."""
+FIRST_SUCCESS_TARGET = 1.5
+"""Seconds from the upstream's return to the first success."""
 
 
 def _rate(cfg: Config) -> float:
     """Caller arrivals per (virtual) second."""
-    return float(cfg.pick(40.0, 100.0, tiny=20.0))
+    return float(cfg.pick(100.0, 100.0, tiny=20.0))
 
 
-def _runs() -> list[tuple[ClientSpec, float]]:
-    runs = [(spec, LEAD) for spec in make_clients()]
-    resilient = next(spec for spec, _ in runs if spec.label == "resilient")
-    runs.insert(2, (ClientSpec(COLD, resilient.factory), COLD_LEAD))
+def _outages(cfg: Config) -> tuple[float, ...]:
+    return cfg.pick(OUTAGES, OUTAGES, tiny=(OUTAGE,))
+
+
+class _Breaker(Client):
+    """resilient's chain with its defaults, the breaker built by ``breaker()``."""
+
+    def __init__(self, breaker: Callable[[], Any], scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.breaker = breaker
+
+    def _session(self) -> aiohttp.ClientSession:
+        import resilient
+
+        retry, _, backoff, throttle = build_policies(ResilientOptions(), self.scale)
+        return resilient.session(retry, self.breaker(), backoff, throttle)
+
+
+def _breaker(**kwargs: Any) -> Callable[[], Any]:
+    import resilient
+
+    return partial(resilient.CircuitBreaker, **kwargs)
+
+
+OLD_BREAKER = {
+    "failure_ratio": 0.5, "min_calls": 10, "window": 30.0, "open_for": 30.0,
+    "consecutive_failures": None,
+}  # fmt: skip
+"""The defaults of 0.1.0 (the issue's starting point)."""
+
+
+def _runs(cfg: Config) -> list[tuple[ClientSpec, float]]:
+    specs = make_clients(names=("aiohttp", "resilient", "aiohttp-retry", "tenacity"))
+    runs = [(spec, LEAD) for spec in specs]
+    resilient = runs[1][0]
+    adaptive = ClientSpec(ADAPTIVE, partial(_Breaker, _breaker(mode="adaptive")))
+    extra = [
+        (ClientSpec(COLD, resilient.factory), COLD_LEAD),
+        (adaptive, LEAD),
+        (ClientSpec(ADAPTIVE_COLD, adaptive.factory), COLD_LEAD),
+    ]
+    if not (cfg.quick or cfg.tiny):
+        extra.append((ClientSpec(OLD, partial(_Breaker, _breaker(**OLD_BREAKER))), LEAD))
+    runs[2:2] = extra
     return runs
 
 
 def units(cfg: Config) -> float:
-    return float(len(_runs()))
+    return float(len(_runs(cfg)) * len(_outages(cfg)))
 
 
-async def _one(factory: Any, lead: float, rate: float) -> dict[str, Any]:
+async def _one(factory: Any, lead: float, outage: float, rate: float) -> dict[str, Any]:
     from resilient.testing import SimulatedAPI
 
-    end = lead + OUTAGE
+    end = lead + outage
     arrivals = [i / rate for i in range(int((end + AFTER) * rate))]
     async with SimulatedAPI(quota=None, outages=[(lead, end)]) as api, factory() as client:
         t0 = asyncio.get_running_loop().time()  # start() has run: the outages' origin
@@ -68,27 +126,29 @@ async def _one(factory: Any, lead: float, rate: float) -> dict[str, Any]:
     return {"outcomes": outcomes, "log": log, "t0": t0}
 
 
-def _recovery(outcomes: list[Outcome], t0: float, end: float) -> float:
-    """Seconds after ``end`` from which every call started succeeds."""
-    last_bad = max((o.start - t0 for o in outcomes if not o.ok), default=-math.inf)
-    later = [o.start - t0 for o in outcomes if o.start - t0 > last_bad]
-    if not later:
-        return math.inf
-    return max(0.0, min(later) - end)
-
-
-def _breaker_note(rows: list[dict[str, Any]]) -> list[str]:
-    steady = next(r for r in rows if r["client"] == "resilient")
-    raw = next(r for r in rows if r["client"] == "aiohttp")
-    if steady["failed fast"]:
-        return []
-    extra = steady["server req during outage"] - raw["server req during outage"]
-    return [
-        "In steady state resilient's breaker did not open: its window held "
-        f"{LEAD:g} s of successes and the {OUTAGE:g} s of failures (with retries) stayed "
-        "under failure_ratio 0.5; the retry budget is what bounded the load "
-        f"({extra} retries during the outage on top of the calls)."
-    ]
+def measure(factory: Any, lead: float, outage: float, rate: float) -> dict[str, Any]:
+    """One client through one outage: the row's figures, plus the server log."""
+    data = run_virtual(_one(factory, lead, outage, rate))
+    outcomes: list[Outcome] = data["outcomes"]
+    log: list[tuple[float, int]] = data["log"]
+    t0: float = data["t0"]
+    start, end = lead, lead + outage
+    calls = sum(1 for o in outcomes if start <= o.start - t0 < end)
+    first = min((t for t, status in log if t >= end and 200 <= status < 300), default=math.inf)
+    fast = [o.wall * 1e6 for o in outcomes if o.error == "CircuitOpenError"]
+    during = sum(1 for t, _ in log if start <= t < end)
+    return {
+        "server req / call in outage": during / calls,
+        "server req during outage": during,
+        "calls during outage": calls,
+        "calls": len(outcomes),
+        "calls failed": sum(1 for o in outcomes if not o.ok),
+        "ok": sum(1 for o in outcomes if o.ok),
+        "first success after s": first - end,
+        "failed fast": len(fast),
+        "fast": fast,
+        "log": log,
+    }
 
 
 def run(cfg: Config, progress: Progress) -> ScenarioResult:
@@ -96,49 +156,136 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
     rows: list[dict[str, Any]] = []
     series: dict[str, Any] = {"outage": [LEAD, LEAD + OUTAGE], "arrivals": {}}
     fail_fast: list[float] = []
-    for spec, lead in _runs():
-        progress.set_label(f"outage: {spec.label} (virtual time)")
-        data = run_virtual(_one(spec.factory, lead, rate))
-        outcomes: list[Outcome] = data["outcomes"]
-        log: list[tuple[float, int]] = data["log"]
-        t0: float = data["t0"]
-        start, end = lead, lead + OUTAGE
-        fast = [o.wall * 1e6 for o in outcomes if o.error == "CircuitOpenError"]
-        fail_fast += fast
-        rows.append(
-            {
-                "client": spec.label,
-                "server req during outage": sum(1 for t, _ in log if start <= t < end),
-                "calls during outage": sum(1 for o in outcomes if start <= o.start - t0 < end),
-                "ok % overall": 100.0 * sum(o.ok for o in outcomes) / len(outcomes),
-                "failed fast": len(fast),
-                "fail-fast p50 µs": median(fast) if fast else None,
-                "fail-fast p90 µs": percentile(fast, 0.9) if fast else None,
-                "recovery s": _recovery(outcomes, t0, end),
-            }
-        )
-        if lead == LEAD:
-            series["arrivals"][spec.label] = log
-        progress.advance()
+    for outage in _outages(cfg):
+        raw_ok = 0
+        for spec, lead in _runs(cfg):
+            progress.set_label(f"outage {outage:g} s: {spec.label} (virtual time)")
+            m = measure(spec.factory, lead, outage, rate)
+            raw_ok = m["ok"] if spec.label == "aiohttp" else raw_ok
+            fail_fast += m["fast"]
+            rows.append(
+                {
+                    "outage s": outage,
+                    "client": spec.label,
+                    "server req / call in outage": m["server req / call in outage"],
+                    "server req during outage": m["server req during outage"],
+                    "calls during outage": m["calls during outage"],
+                    "calls failed": m["calls failed"],
+                    "first success after s": m["first success after s"],
+                    "ok % overall": 100.0 * m["ok"] / m["calls"],
+                    "ok vs aiohttp": m["ok"] - raw_ok,
+                    "failed fast": m["failed fast"],
+                }
+            )
+            if outage == OUTAGE and lead == LEAD:
+                series["arrivals"][spec.label] = m["log"]
+            progress.advance()
     return ScenarioResult(
         name=NAME,
         title=TITLE,
         setup=(
-            f"Virtual time; SimulatedAPI(outages=[({LEAD:g}, {LEAD + OUTAGE:g})]): {LEAD:g} s "
-            f"healthy, {OUTAGE:g} s of 503s, {AFTER:g} s healthy; callers arrive at {rate:g}/s "
-            "(open loop). Every client with its real defaults (resilient: CircuitBreaker("
-            "failure_ratio=0.5, min_calls=10, window=30, open_for=30), RetryBudget(0.2, 10/s)). "
-            f"'{COLD}': the outage starts {COLD_LEAD:g} s after the first call."
+            f"Virtual time; SimulatedAPI(outages=[(lead, lead + outage)]) for outages of "
+            f"{', '.join(f'{o:g}' for o in _outages(cfg))} s: {LEAD:g} s healthy, the outage "
+            f"(every request 503), {AFTER:g} s healthy; callers arrive at {rate:g}/s (open "
+            "loop). Every client with its real defaults (resilient: the full chain, "
+            "CircuitBreaker() and RetryBudget(0.2, 10/s) defaults). Cold: the outage starts "
+            f"{COLD_LEAD:g} s after the first call."
+            + (f" '{OLD}': CircuitBreaker({_kwargs(OLD_BREAKER)})." if OLD in _labels(rows) else "")
         ),
         columns=list(rows[0]),
         rows=rows,
+        targets=_targets(rows),
         notes=[
-            "fail-fast µs: caller-seen wall-clock latency of calls answered CircuitOpenError, "
-            "through aiohttp's session.get (request building included), on a busy loop. The "
-            "policy's own in-process fail-fast cost and its target are in 1b.",
-            "recovery s (virtual): from the end of the outage until every call started from "
-            "then on succeeds; when the breaker opened it includes its open_for, by design.",
-            *_breaker_note(rows),
+            "server req / call in outage: requests reaching the server during the outage per "
+            "call started in it (retries included). first success after s: from the outage's "
+            "end to the first 2xx the server sent (virtual seconds). ok vs aiohttp: calls ok "
+            "minus raw aiohttp's in the same outage (negative: worse than no policy).",
+            "A breaker cannot know the upstream is back before a request succeeds: the calls "
+            "it refuses between the recovery and its next probe are lost (at most max_open_for "
+            "× the call rate), while raw aiohttp loses none there. Retries cannot make up for "
+            "them: a retry refused by the open breaker (CircuitOpenError) is not retried.",
+            "fail-fast µs (caller-seen, wall clock, through aiohttp's session.get on a busy "
+            f"loop): p50 {median(fail_fast):.1f}, p90 {percentile(fail_fast, 0.9):.1f} over "
+            f"{len(fail_fast)} calls; the policy's own cost is in 1b.",
         ],
         series={**series, "fail_fast_us": fail_fast},
     )
+
+
+def _labels(rows: Sequence[dict[str, Any]]) -> set[str]:
+    return {str(r["client"]) for r in rows}
+
+
+def _kwargs(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _targets(rows: Sequence[dict[str, Any]]) -> list[Target]:
+    """Issue 13's targets for resilient's default chain, warm and cold."""
+    mine = [r for r in rows if r["client"] in ("resilient", COLD)]
+    long = [r for r in mine if r["outage s"] >= 4.0]
+    load = max((r["server req / call in outage"] for r in long), default=math.nan)
+    first = max((r["first success after s"] for r in long), default=math.nan)
+    worst = min(mine, key=lambda r: r["ok vs aiohttp"], default=None)
+    return [
+        Target("server requests per call, outages >= 4 s", f"≤ {LOAD_TARGET}",
+               f"{load:.3f} (worst)", bool(load <= LOAD_TARGET) if long else None),
+        Target("first success after the upstream is back, outages >= 4 s",
+               f"≤ {FIRST_SUCCESS_TARGET} s", f"{first:.2f} s (worst)",
+               bool(first <= FIRST_SUCCESS_TARGET) if long else None),
+        Target("calls ok overall vs raw aiohttp, every outage", "≥ aiohttp's",
+               "n/a" if worst is None else
+               f"{worst['ok vs aiohttp']:+d} calls (worst: {worst['outage s']:g} s, "
+               f"{worst['client']})",
+               None if worst is None else worst["ok vs aiohttp"] >= 0,
+               "the calls refused between the upstream's return and the next probe"),
+    ]  # fmt: skip
+
+
+# --- how the defaults were chosen ------------------------------------------------------
+
+
+SWEEP: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "adaptive": {"mode": "adaptive"},
+    "adaptive window=1": {"mode": "adaptive", "window": 1.0},
+    "open_for=0.25 max=1": {"open_for": 0.25, "max_open_for": 1.0},
+    "open_for=0.5 max=1": {"open_for": 0.5, "max_open_for": 1.0},
+    "open_for=0.5 max=1.5": {"open_for": 0.5, "max_open_for": 1.5},
+    "open_for=0.5 max=2": {"open_for": 0.5, "max_open_for": 2.0},
+    "open_for=1 max=1": {"open_for": 1.0, "max_open_for": 1.0},
+    "open_for=1 max=4": {"open_for": 1.0, "max_open_for": 4.0},
+    "open_for=1 max=30": {"open_for": 1.0, "max_open_for": 30.0},
+    "window=5": {"window": 5.0},
+    "consecutive=5": {"consecutive_failures": 5},
+    "consecutive=20": {"consecutive_failures": 20},
+    "consecutive off": {"consecutive_failures": None},
+    "0.1.0 defaults": OLD_BREAKER,
+}
+
+
+def sweep(outages: Sequence[float] = OUTAGES, seeds: int = 3, rate: float = 100.0) -> None:
+    """Print, per breaker setting and outage (warm and cold, ``seeds`` runs each, jitter
+    differs): mean server requests per call, worst first success, mean ok vs aiohttp."""
+    import random
+
+    print("setting | outage s | lead | req/call | first success s (worst) | ok vs aiohttp")
+    raw = {(o, lead): measure(Client, lead, o, rate)["ok"] for o in outages
+           for lead in (LEAD, COLD_LEAD)}  # fmt: skip
+    for name, kwargs in SWEEP.items():
+        for outage in outages:
+            for lead in (LEAD, COLD_LEAD):
+                got = []
+                for seed in range(seeds):
+                    random.seed(seed)
+                    got.append(measure(partial(_Breaker, _breaker(**kwargs)), lead, outage, rate))
+                load = sum(m["server req / call in outage"] for m in got) / len(got)
+                first = max(m["first success after s"] for m in got)
+                diff = sum(m["ok"] for m in got) / len(got) - raw[outage, lead]
+                print(f"{name} | {outage:g} | {'warm' if lead == LEAD else 'cold'} | "
+                      f"{load:.3f} | {first:.2f} | {diff:+.1f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    if "--sweep" in sys.argv:
+        sweep(seeds=int(sys.argv[sys.argv.index("--sweep") + 1]) if sys.argv[-1] != "--sweep" else 3)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from . import OnStorageError
 from ._redis import KEY_PREFIX, RedisStore, T, seconds, tag, text
 
 if TYPE_CHECKING:
-    from .._breaker import CircuitBreaker
+    from .._breaker import CircuitBreaker, _Settings
 
 __all__ = ["SharedCircuits"]
 
@@ -44,21 +45,28 @@ _NAMES = ("closed", "open", "half_open")
 class SharedCircuits:
     """The Redis side of a :class:`~resilient.CircuitBreaker` (see the module docstring).
 
-    ``settings``: the breaker's (failure_ratio, min_calls, open_for, half_open_probes,
-    bucket width, buckets); ``fallback``: an in-memory breaker with the same settings.
+    ``settings``: the breaker's; ``buckets``: its window's; ``fallback``: an in-memory
+    breaker with the same settings.
     """
 
-    __slots__ = ("_fallback", "_on_error", "_settings", "_store")
+    __slots__ = ("_args", "_fallback", "_max_open_for", "_on_error", "_probes", "_store")
 
     def __init__(
         self,
         store: RedisStore,
-        settings: tuple[float, int, float, int, float, int],
+        settings: _Settings,
+        buckets: int,
         fallback: CircuitBreaker,
         on_error: OnStorageError,
     ) -> None:
         self._store = store
-        self._settings = list(settings)
+        s = settings
+        self._args: list[Any] = [
+            s.failure_ratio, s.min_calls, s.open_for, s.half_open_probes, s.width, buckets,
+            s.consecutive, s.max_open_for,
+        ]  # fmt: skip
+        self._max_open_for = s.max_open_for
+        self._probes = s.half_open_probes
         self._fallback = fallback
         self._on_error = on_error
 
@@ -79,7 +87,7 @@ class SharedCircuits:
             self._store.warn(_KIND, exc, _clock.now())
             return await self._fallback(request, handler)
         if verdict < 0:
-            retry_after = min(retry_after, self._settings[2])
+            retry_after = min(retry_after, self._max_open_for)
             _events.emit("circuit_rejected", _KIND, key, request, delay=retry_after, reason="open")
             raise CircuitOpenError(key, retry_after)
         probe = verdict == 1
@@ -107,21 +115,32 @@ class SharedCircuits:
             if failed is None:
                 await self._run(key, "release", _ignore, epoch)
                 return
-            transition, fails, calls = await self._run(
-                key, "record", _outcome, epoch, int(failed), int(probe)
+            transition, pause, why = await self._run(
+                key, "record", self._outcome, epoch, int(failed), int(probe)
             )
         except StorageError as exc:
             self._store.warn(_KIND, exc, _clock.now(), "this outcome is not counted")
             return
         if transition == "opened":
-            _opened(key, fails, calls, self._settings[2])
+            _opened(key, why, pause)
         elif transition == "closed":
-            _closed(key, int(self._settings[3]))
+            _closed(key, self._probes)
 
     async def _run(self, key: str, op: str, parse: Callable[[Any], T], *args: int) -> T:
+        """Script ``op`` on ``key``'s hash; every call draws the jitter of a break."""
         return await self._store.run(
-            "breaker", [f"{KEY_PREFIX}:breaker/{tag(key)}"], [op, *self._settings, *args], parse
+            "breaker",
+            [f"{KEY_PREFIX}:breaker/{tag(key)}"],
+            [op, *self._args, random.random(), *args],
+            parse,
         )
+
+    def _outcome(self, reply: Any) -> tuple[str, float, str]:
+        """``record``: (transition, seconds of the break it opened for, why)."""
+        transition = text(reply[1]) if len(reply) > 1 else ""
+        if transition == "opened":
+            return transition, seconds(reply[2], self._max_open_for), text(reply[3])
+        return transition, 0.0, ""
 
 
 def _admission(reply: Any) -> tuple[int, int, float, str]:
@@ -134,14 +153,6 @@ def _admission(reply: Any) -> tuple[int, int, float, str]:
     return verdict, epoch, 0.0, text(reply[2]) if len(reply) > 2 else ""
 
 
-def _outcome(reply: Any) -> tuple[str, int, int]:
-    """``record``: (transition, failures, calls)."""
-    transition = text(reply[1]) if len(reply) > 1 else ""
-    if len(reply) > 3:
-        return transition, int(reply[2]), int(reply[3])
-    return transition, 0, 0
-
-
 def _state(reply: Any) -> tuple[str, float]:
     return _NAMES[int(reply[0])], seconds(reply[1], math.inf)
 
@@ -150,16 +161,15 @@ def _ignore(reply: Any) -> None:
     return None
 
 
-def _opened(key: str, fails: int, calls: int, open_for: float) -> None:
-    why = f"{fails} of {calls} calls failed" if calls else "a probe failed"
-    _events.emit("circuit_opened", _KIND, key, delay=open_for, reason=why)
+def _opened(key: str, why: str, pause: float) -> None:
+    _events.emit("circuit_opened", _KIND, key, delay=pause, reason=why)
     if logger.isEnabledFor(logging.WARNING):
         logger.warning(
             "circuit_breaker: opened on %s (%s, shared); failing fast for %s, half-open at %s",
             key,
             why,
-            human_duration(open_for),
-            _clock.wall_after(open_for).isoformat(timespec="seconds"),
+            human_duration(pause),
+            _clock.wall_after(pause).isoformat(timespec="seconds"),
         )
 
 

@@ -1,27 +1,34 @@
 -- One key's circuit breaker shared by every process, on Redis's clock (TIME).
 -- KEYS[1]: hash {state (0 closed, 1 open, 2 half-open), epoch, until, admitted,
---   successes, and per bucket i (0..buckets-1): b<i> its number, n<i> calls, f<i> failures}.
--- ARGV: op, failure_ratio, min_calls, open_for, half_open_probes, width, buckets, then
+--   successes, streak (failures in a row while closed), level (failed probes since the
+--   circuit closed), and per bucket i (0..buckets-1): b<i> its number, n<i> calls,
+--   f<i> failures}.
+-- ARGV: op, failure_ratio, min_calls, open_for, half_open_probes, width, buckets,
+--   consecutive_failures, max_open_for, u (uniform in [0, 1): the jitter of a break), then
 --   admit                 -> {0, epoch} closed | {1, epoch, transition} probe admitted |
 --                            {-1, epoch, seconds until half-open} rejected
---   record epoch failed probe -> {state, transition, fails, calls}; an outcome of an
---                            older epoch is ignored
+--   record epoch failed probe -> {state, transition, break seconds, reason}; an outcome
+--                            of an older epoch is ignored
 --   release epoch         -> a half-open probe ended without an outcome: free its slot
 --   state                 -> {state, seconds until (half-)open ends}
--- Same rules as the in-memory circuit (resilient/_breaker.py). Floats travel as strings.
+-- Same rules as the in-memory circuit (resilient/_breaker.py, next_break for the break).
+-- Floats travel as strings.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local key, op = KEYS[1], ARGV[1]
 local ratio, min_calls, open_for = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local probes, width, buckets = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local h = redis.call('HMGET', key, 'state', 'epoch', 'until', 'admitted', 'successes')
+local consecutive, max_open_for, u = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local h = redis.call('HMGET', key, 'state', 'epoch', 'until', 'admitted', 'successes',
+                     'streak', 'level')
 local state, epoch = tonumber(h[1] or '0'), tonumber(h[2] or '0')
 local untl, admitted, successes = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
-local ttl = math.ceil(width * buckets + open_for) + 60
+local streak, level = tonumber(h[6] or '0'), tonumber(h[7] or '0')
+local ttl = math.ceil(width * buckets + max_open_for) + 60
 
 local function save()
   redis.call('HSET', key, 'state', state, 'epoch', epoch, 'until', tostring(untl),
-             'admitted', admitted, 'successes', successes)
+             'admitted', admitted, 'successes', successes, 'streak', streak, 'level', level)
   redis.call('EXPIRE', key, ttl)
 end
 
@@ -29,10 +36,20 @@ local function clear_counts()
   for i = 0, buckets - 1 do redis.call('HDEL', key, 'b' .. i, 'n' .. i, 'f' .. i) end
 end
 
-local function trip()
-  state, epoch, untl, admitted, successes = 1, epoch + 1, now + open_for, 0, 0
+-- next_break: open_for after the trip from closed; after a failed probe, doubled with
+-- jitter up to max_open_for, never below open_for.
+local function next_break()
+  if level <= 0 then return open_for end
+  local nominal = math.min(max_open_for, open_for * 2 ^ math.min(level, 64))
+  return math.max(open_for, nominal * (0.5 + 0.5 * u))
+end
+
+local function trip(why)
+  local pause = next_break()
+  state, epoch, untl, admitted, successes, streak = 1, epoch + 1, now + pause, 0, 0, 0
   clear_counts()
   save()
+  return {state, 'opened', tostring(pause), why}
 end
 
 if op == 'admit' then
@@ -48,16 +65,16 @@ if op == 'admit' then
   save()
   return {1, epoch, transition}
 elseif op == 'record' then
-  local e, failed, probe = tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10] == '1'
+  local e, failed, probe = tonumber(ARGV[11]), ARGV[12] == '1', ARGV[13] == '1'
   if e ~= epoch then return {state, ''} end
   if probe then
     if failed then
-      trip()
-      return {state, 'opened', 0, 0}
+      level = level + 1
+      return trip('a probe failed')
     end
     successes = successes + 1
     if successes >= probes then
-      state, epoch, admitted, successes = 0, epoch + 1, 0, 0
+      state, epoch, admitted, successes, streak, level = 0, epoch + 1, 0, 0, 0, 0
       clear_counts()
       save()
       return {state, 'closed'}
@@ -71,9 +88,17 @@ elseif op == 'record' then
     redis.call('HSET', key, 'b' .. i, b, 'n' .. i, 0, 'f' .. i, 0)
   end
   redis.call('HINCRBY', key, 'n' .. i, 1)
-  if failed then redis.call('HINCRBY', key, 'f' .. i, 1) end
   redis.call('EXPIRE', key, ttl)
-  if not failed or state ~= 0 then return {state, ''} end
+  if not failed then
+    if streak > 0 then redis.call('HSET', key, 'streak', 0) end
+    return {state, ''}
+  end
+  redis.call('HINCRBY', key, 'f' .. i, 1)
+  streak = redis.call('HINCRBY', key, 'streak', 1)
+  if state ~= 0 then return {state, ''} end
+  if streak >= consecutive then
+    return trip(streak .. ' failures in a row')
+  end
   local calls, fails = 0, 0
   for j = 0, buckets - 1 do
     local row = redis.call('HMGET', key, 'b' .. j, 'n' .. j, 'f' .. j)
@@ -83,12 +108,11 @@ elseif op == 'record' then
     end
   end
   if calls >= min_calls and fails / calls >= ratio then
-    trip()
-    return {state, 'opened', fails, calls}
+    return trip(fails .. ' of ' .. calls .. ' calls failed')
   end
   return {state, ''}
 elseif op == 'release' then
-  if tonumber(ARGV[8]) == epoch and state == 2 and admitted > 0 then
+  if tonumber(ARGV[11]) == epoch and state == 2 and admitted > 0 then
     redis.call('HSET', key, 'admitted', admitted - 1)
   end
   return 1
