@@ -11,7 +11,13 @@ keeps waiting until the probe's answer is known:
   the head of the queue becomes the probe at once.
 
 A caller that leaves the queue (cancelled, or its wait grew too long) wakes the
-others, so no role is orphaned and the key never stays blocked. Every state change
+others, so no role is orphaned and the key never stays blocked.
+
+The gate also holds the key's closed loop (see :mod:`resilient._learned`): its learned
+rate, its streak of 429s (the backoff floor belongs to the key: a success ends the
+streak), and its departure queue. Once a key is paced, callers leave one by one
+(:meth:`PauseGate.depart`), ``1/r`` seconds apart, so the waiters released by a probe
+go at the learned rate, never all at once. Every state change
 wakes every waiter, and each re-reads the state; waiters sleep only on their own
 future (with a timer for the pause end or the caller's limit), never on a lock.
 """
@@ -23,8 +29,9 @@ import math
 from collections import deque
 
 from . import _clock
+from ._learned import LearnedRate
 
-__all__ = ["MAX_PAUSE", "PauseGate", "PauseTooLong"]
+__all__ = ["IDLE_FORGET", "MAX_PAUSE", "PauseGate", "PauseTooLong"]
 
 MAX_PAUSE = 7 * 86_400.0
 """No key is paused longer than this (seconds), whatever a server says; a longer or
@@ -36,6 +43,10 @@ DUE_SLACK = 1e-6
 """Seconds: a pause ending this soon counts as ended. asyncio fires a timer up to a clock
 tick early, and a loop clock with a coarse tick (``looptime``) may stop just short of a
 float ``until``; without the slack the head would re-arm a zero-length timer forever."""
+
+
+IDLE_FORGET = 600.0
+"""Seconds without a send after which a key's learned rate may be evicted with the key."""
 
 
 class PauseTooLong(Exception):
@@ -78,15 +89,97 @@ class PauseGate:
     ``closed``: True from a 429 until a probe's answer is not a 429.
     ``until``: loop time the current pause ends (a later 429 only extends it).
     ``probing``: a probe is on the wire.
+    ``learned``: the key's learned rate (None until its first 429 or advertised limit).
+    ``streak``: the key's 429s since its last success (the backoff floor's exponent).
+    ``next_slot``: loop time the next paced departure is due (see :meth:`depart`).
     """
 
-    __slots__ = ("_waiters", "closed", "probing", "until")
+    __slots__ = (
+        "_departures",
+        "_waiters",
+        "closed",
+        "learned",
+        "next_slot",
+        "probing",
+        "spread",
+        "spread_until",
+        "streak",
+        "until",
+    )
 
     def __init__(self) -> None:
         self.closed = False
         self.probing = False
         self.until = 0.0
+        self.learned: LearnedRate | None = None
+        self.streak = 0
+        self.next_slot = 0.0
+        self.spread = math.inf
+        """An advertised limit's rate (remaining / seconds to its reset) ..."""
+        self.spread_until = 0.0
+        """... until this loop time (its reset)."""
         self._waiters: deque[_Waiter] = deque()
+        self._departures: deque[_Waiter] = deque()
+
+    @property
+    def paced(self) -> bool:
+        """Callers take departure slots (a learned rate, or an advertised spread)."""
+        return self.learned is not None or self.spread_until > 0.0
+
+    def learn(self, now: float, ceiling: float = math.inf) -> LearnedRate:
+        """The key's learned rate, created on first use."""
+        learned = self.learned
+        if learned is None:
+            learned = self.learned = LearnedRate(now, ceiling)
+        return learned
+
+    def rate(self, now: float) -> float:
+        """The key's send rate now: the learned rate, or the advertised spread if lower
+        (``inf``: not paced)."""
+        learned = self.learned
+        rate = math.inf if learned is None else learned.rate(now)
+        if self.spread_until:
+            if now >= self.spread_until:  # the advertised window has reset
+                self.spread, self.spread_until = math.inf, 0.0
+            elif self.spread < rate:
+                rate = self.spread
+        return rate
+
+    async def depart(self, latest: float) -> None:
+        """Wait for this caller's departure at the key's rate, first come first served.
+
+        Only the head of the departure queue sleeps, until ``next_slot``; when it leaves,
+        ``next_slot = now + 1/r(now)``, so the rate is read at each departure (a rate that
+        grows, or an advertised spread, applies at once). :class:`PauseTooLong` as soon as
+        the departure would come after ``latest`` (the caller has sent nothing)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        queue = self._departures
+        if not queue and self.next_slot <= now + DUE_SLACK:
+            self.next_slot = now + 1.0 / self.rate(now)
+            return
+        waiter = _Waiter()
+        queue.append(waiter)
+        try:
+            while True:
+                now = loop.time()
+                if queue[0] is waiter:
+                    wait = self.next_slot - now
+                    if wait <= DUE_SLACK:
+                        break
+                    if self.next_slot > latest:
+                        raise PauseTooLong(wait)
+                    await waiter.wait(wait)
+                else:
+                    if latest - now < _EPSILON:
+                        raise PauseTooLong(max(0.0, self.next_slot - now))
+                    await waiter.wait(latest - now)
+            self.next_slot = now + 1.0 / self.rate(now)
+        finally:
+            head = queue[0] is waiter
+            queue.remove(waiter)
+            if head and queue:
+                queue[0].wake()
 
     def remaining(self) -> float:
         """Seconds until the pause ends (0 if open or already due)."""
@@ -98,10 +191,13 @@ class PauseGate:
 
     def is_idle(self) -> bool:
         """Nothing to remember: no waiter, no probe, and no pause still running."""
+        now = _clock.now()
         return (
             not self._waiters
+            and not self._departures
             and not self.probing
-            and (not self.closed or self.until <= _clock.now())
+            and (not self.closed or self.until <= now)
+            and (not self.paced or self.next_slot + IDLE_FORGET <= now)
         )
 
     def pause(self, delay: float, *, probe: bool) -> float:
@@ -117,9 +213,15 @@ class PauseGate:
         return self.until - now
 
     def open(self) -> None:
-        """The probe's answer was not a 429: release every waiter."""
+        """The probe's answer was not a 429: every waiter may go (each takes a
+        :meth:`slot`, so a paced key releases them one by one); the streak ends."""
         self.closed = False
         self.probing = False
+        self.streak = 0
+        now = _clock.now()
+        if self.learned is not None:
+            self.learned.resume(now)
+        self.next_slot = now + 1.0 / self.rate(now)  # the probe just left
         self._wake_all()
 
     def probe_failed(self) -> None:

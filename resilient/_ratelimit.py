@@ -1,19 +1,29 @@
-"""RateLimitBackoff: 429 handling with one shared pause per key and one probe.
+"""RateLimitBackoff: 429 handling with one shared pause per key, one probe, and a
+learned rate.
 
 On a 429 the key's :class:`~resilient._pause.PauseGate` closes for the server's retry
 time (``Retry-After``, ``RateLimit``, ``RateLimit-Reset``, ``X-RateLimit-Reset``), or
-for a jittered exponential backoff when no header gives one. No caller of the key
-sends until the pause ends; then one probe goes, and the others follow once it is
-not a 429. A caller waits at most ``max_wait`` seconds for 429s over its call, and
-never past its :func:`resilient.deadline` or aiohttp's ``ClientTimeout.total``: when
-the pause ends later, it gets the 429 back at once (readable), or
-:class:`~resilient.RateLimited` if it has no response (it never sent, or its 429 was
-already released before the pause grew).
+for a jittered exponential backoff when no header gives one; successive 429s of the key
+(a streak that a success ends) raise that time's floor. No caller of the key sends until
+the pause ends; then one probe goes, and the others follow once it is not a 429, one by
+one at the key's learned rate (:mod:`resilient._learned`): from its first 429 on, every
+request of the key is paced, and each 429 teaches the rate anew.
+
+``proactive=True`` reads the limits a server advertises on every response
+(:func:`resilient._headers.parse_advertised`): nothing left before the reset pauses the
+key until the reset (no 429 earned); little left (at most :data:`SPREAD_BELOW`, or a
+tenth of the limit) spreads what remains over the time to the reset.
+
+A caller waits at most ``max_wait`` seconds for 429s over its call, and never past its
+:func:`resilient.deadline` or aiohttp's ``ClientTimeout.total``: when the pause ends
+later, it gets the 429 back at once (readable), or :class:`~resilient.RateLimited` if it
+has no response (it never sent, or its 429 was already released before the pause grew).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import ClassVar
 
@@ -23,8 +33,9 @@ from . import _clock, _events, _metrics
 from ._backoff import capped_doubling
 from ._deadline import allowance
 from ._errors import RateLimited
-from ._headers import retry_hint
+from ._headers import Advertised, parse_advertised, retry_hint
 from ._keys import KeyFunc, by_host
+from ._learned import LearnedRate
 from ._log import logger
 from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
 from ._policy import Policy
@@ -39,6 +50,7 @@ __all__ = [
     "DEFAULT_CAP",
     "DEFAULT_MAX_WAIT",
     "MAX_WAIT_LIMIT",
+    "SPREAD_BELOW",
     "RateLimitBackoff",
     "backoff_delay",
 ]
@@ -52,13 +64,16 @@ DEFAULT_BASE = 1.0
 DEFAULT_CAP = 300.0
 """Largest backoff step (seconds)."""
 MEMORY_STORAGE = "memory://"
+SPREAD_BELOW = 10
+"""An advertised limit with at most this many requests left (or a tenth of the limit,
+if larger) spreads them over the time to its reset; with more left, callers go freely."""
 
 _KIND = "rate_limit_backoff"
 _GIVES_UP = " (the pause ends beyond what this caller may wait: its 429 is returned)"
 
 
 def backoff_delay(server: float | None, strikes: int, *, base: float, cap: float) -> float:
-    """Seconds to pause after the ``strikes``-th 429 (``n``, from 1) of one call.
+    """Seconds to pause after the ``strikes``-th 429 (``n``, from 1) of a key's streak.
 
     No usable retry time (``server`` is None): full jitter,
     ``uniform(0, min(cap, base·2^(n−1)))``.
@@ -91,21 +106,32 @@ def _number(name: str, value: object, low: float, high: float, *, low_open: bool
 
 
 class RateLimitBackoff(Policy):
-    """Honour 429s with one shared pause per key (see the module docstring).
+    """Honour 429s with one shared pause per key and a learned rate (module docstring).
 
     ``max_wait``: seconds a call may wait for 429s in total, in (0, 7 days].
-    ``key``: request -> key (default ``by_host``); the pause is per key.
+    ``key``: request -> key (default ``by_host``); the pause and the rate are per key.
     ``storage``: ``"memory://"``, or a Redis URI: the pause and its probe are shared
     by every process (see :mod:`resilient.storage._pause`).
     ``on_storage_error``: ``"raise"`` (StorageError) or ``"allow"`` (this process's pause).
     ``base``, ``cap``: the backoff without a retry time (see :func:`backoff_delay`).
+    ``proactive``: read advertised limits on every response (default True).
     ``max_keys``: keys remembered at once (idle keys are evicted).
     """
 
     kind: ClassVar[str] = _KIND
     order: ClassVar[int] = 30
 
-    __slots__ = ("_base", "_cap", "_gates", "_key", "_max_wait", "_shared", "_storage")
+    __slots__ = (
+        "_base",
+        "_cap",
+        "_ceiling",
+        "_gates",
+        "_key",
+        "_max_wait",
+        "_proactive",
+        "_shared",
+        "_storage",
+    )
 
     def __init__(
         self,
@@ -116,6 +142,7 @@ class RateLimitBackoff(Policy):
         on_storage_error: OnStorageError = "raise",
         base: float = DEFAULT_BASE,
         cap: float = DEFAULT_CAP,
+        proactive: bool = True,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
         self._max_wait = _number("max_wait", max_wait, 0.0, MAX_WAIT_LIMIT, low_open=True)
@@ -126,12 +153,18 @@ class RateLimitBackoff(Policy):
                 f"RateLimitBackoff: key must be a callable (request) -> str,"
                 f" got {type(key).__name__}"
             )
+        if not isinstance(proactive, bool):
+            raise ValueError(
+                f"RateLimitBackoff: proactive must be True or False, got {proactive!r}"
+            )
+        self._proactive = proactive
         self._storage = check("RateLimitBackoff", storage)
         on_error = check_on_storage_error("RateLimitBackoff", on_storage_error)
         self._shared = _shared(self._storage, on_error)
         if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"RateLimitBackoff: max_keys must be an int >= 1, got {max_keys!r}")
         self._key = key
+        self._ceiling = math.inf
         self._gates: KeyedState[PauseGate] = KeyedState(
             lambda _key: PauseGate(), PauseGate.is_idle, max_keys
         )
@@ -140,10 +173,31 @@ class RateLimitBackoff(Policy):
     def max_wait(self) -> float:
         return self._max_wait
 
+    @property
+    def proactive(self) -> bool:
+        return self._proactive
+
+    def cap_rate(self, rate: float) -> None:
+        """Never pace a key faster than ``rate`` (a :class:`~resilient.Throttle` in the
+        same chain caps the learned rate with its own: :func:`resilient.chain` calls this)."""
+        self._ceiling = rate
+        for _key, gate in self._gates.items():
+            if gate.learned is not None:
+                gate.learned.ceiling = rate
+
     def paused_for(self, key: str) -> float:
         """Seconds until ``key``'s pause ends (0 if not paused or a probe is due)."""
         gate = self._gates.get(key)
         return 0.0 if gate is None else gate.remaining()
+
+    def rate(self, key: str) -> float | None:
+        """``key``'s send rate now (requests/s): learned from its 429s, or an advertised
+        limit's spread; None while the key is not paced."""
+        gate = self._gates.get(key)
+        if gate is None or not gate.paced:
+            return None
+        rate = gate.rate(_clock.now())
+        return None if rate == math.inf else rate
 
     def stats(self) -> dict[str, PauseStats]:
         """A snapshot of every key's pause in this process (call it inside the event loop)."""
@@ -153,7 +207,7 @@ class RateLimitBackoff(Policy):
         return (
             f"RateLimitBackoff(max_wait={self._max_wait!r}, base={self._base!r},"
             f" cap={self._cap!r}, key={getattr(self._key, '__name__', 'key')},"
-            f" storage={redact(self._storage)!r})"
+            f" storage={redact(self._storage)!r}, proactive={self._proactive!r})"
         )
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
@@ -165,12 +219,19 @@ class RateLimitBackoff(Policy):
         started = _clock.now_for(request) if request.session.timeout.total else 0.0
         if self._shared is not None and (gate is None or not gate.closed):
             gate = await self._adopt(key, gate)
-        if gate is None or not gate.closed:
-            resp = await handler(request)
-            if resp.status != 429:
-                return resp
-            return await self._backoff(request, handler, key, started, resp)
-        return await self._backoff(request, handler, key, started, None)
+        if gate is not None and (gate.closed or gate.paced):
+            return await self._backoff(request, handler, key, started, None, 0)
+        cuts = 0 if gate is None or gate.learned is None else gate.learned.cuts
+        resp = await handler(request)
+        if resp.status == 429:
+            return await self._backoff(request, handler, key, started, resp, cuts)
+        if gate is not None:
+            gate.streak = 0
+        if self._proactive:
+            advertised = parse_advertised(resp.headers, now=_clock.wall())
+            if advertised is not None:
+                self._heed(key, advertised)
+        return resp
 
     async def _adopt(self, key: str, gate: PauseGate | None) -> PauseGate | None:
         """Close ``key``'s local gate if another process paused it (one round trip)."""
@@ -208,6 +269,47 @@ class RateLimitBackoff(Policy):
         gate.pause(seconds if verdict == "paused" else min(seconds, PROBE_POLL), probe=True)
         return None
 
+    def _heed(self, key: str, advertised: Advertised) -> None:
+        """An advertised limit: none left -> pause until its reset; little left -> spread
+        it over the time to the reset (see :data:`SPREAD_BELOW`)."""
+        reset = advertised.reset
+        if reset <= 0.0:
+            return
+        low = max(SPREAD_BELOW, (advertised.limit or 0) // 10)
+        if advertised.remaining > low:
+            return
+        gate = self._gates.get_or_create(key)
+        now = _clock.now()
+        if advertised.remaining <= 0:
+            if not gate.closed:
+                gate.pause(reset, probe=False)
+                _events.emit(
+                    "rate_limited", _KIND, key, None, attempt=0, delay=min(reset, MAX_PAUSE),
+                    status=None, reason=f"advertised limit exhausted ({advertised.policy})",
+                )  # fmt: skip
+            return
+        gate.spread = advertised.remaining / reset
+        gate.spread_until = now + min(reset, MAX_PAUSE)
+
+    def _learn(self, gate: PauseGate, cuts: int) -> LearnedRate:
+        """A 429 to a request sent after ``cuts`` cuts: if it is news, cut the key's rate
+        and lengthen its streak."""
+        now = _clock.now()
+        learned = gate.learn(now, self._ceiling)
+        if learned.counts(cuts):
+            learned.cut(now)
+            gate.streak += 1
+        return learned
+
+    async def _pace(self, key: str, gate: PauseGate, latest: float) -> None:
+        """Wait for this caller's departure at the key's rate (:meth:`PauseGate.depart`);
+        RateLimited at once if it would come after ``latest`` (nothing was sent)."""
+        try:
+            with _metrics.waiting(_KIND, key, 429):
+                await gate.depart(latest)
+        except PauseTooLong as exc:
+            raise RateLimited(key, exc.retry_after) from None
+
     async def _backoff(
         self,
         request: ClientRequest,
@@ -215,63 +317,137 @@ class RateLimitBackoff(Policy):
         key: str,
         started: float,
         resp: ClientResponse | None,
+        cuts: int,
     ) -> ClientResponse:
-        """The slow path: ``resp`` is a 429, or None when the key was found paused."""
-        strikes, waited, probe, front = 0, 0.0, False, False
+        """The slow path: ``resp`` is a 429 (to a request sent after ``cuts`` cuts), or
+        None when the key was found paused or paced. Each turn: a 429 pauses the key (or
+        the caller gives up), the caller waits its turn (the probe, or after the probe),
+        takes its departure slot, and sends."""
+        strikes, waited, probe = 0, 0.0, False
         while True:
             gate = self._gates.get_or_create(key)  # not evicted while we wait or probe
             now = _clock.now()
             hard = now + allowance(request, started)
             latest = min(now + self._max_wait - waited, hard)
+            front = False
             if resp is not None:  # a 429: pause the key, then give up or wait our turn
                 strikes += 1
-                hint = retry_hint(resp.headers, now=_clock.wall())
-                server = None if hint is None else hint[0]
-                delay = backoff_delay(server, strikes, base=self._base, cap=self._cap)
-                if self._shared is not None:  # every process pauses: the end is Redis's
-                    delay = max(delay, await self._share_pause(key, delay, resp))
-                wait = max(delay, gate.pause(delay, probe=probe))
-                probe = False
-                gives_up = now + wait > latest or not body_replayable(request)
-                _events.emit(
-                    "rate_limited", _KIND, key, request, attempt=strikes, delay=wait,
-                    status=429, reason=_reason(hint, delay) + (_GIVES_UP if gives_up else ""),
-                )  # fmt: skip
-                if gives_up:
+                self._learn(gate, cuts)
+                if await self._pause(request, key, gate, resp, probe, latest, strikes):
                     return resp
+                probe = False
                 resp.release()
+                front = True
             elif gate.closed and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s: %s is paused for %.3fs", _KIND, key, gate.remaining())
-            try:
-                with _metrics.waiting(_KIND, key, 429):
-                    probe = await gate.wait_turn(latest, hard, front=front or resp is not None)
-            except PauseTooLong as exc:
-                raise RateLimited(key, exc.retry_after) from None
-            finally:
+            if gate.closed:
+                turn = await self._turn(request, key, gate, latest, hard, front, now, strikes)
                 waited += _clock.now() - now
-            front = False
-            if probe and self._shared is not None:
-                claimed = await self._claim(key, gate)
-                if claimed is None:  # another process probes, or paused again: wait again
-                    resp, front = None, True
+                if turn is None:  # another process probes, or paused again: wait again
+                    resp, probe = None, False
                     continue
-                probe = claimed
-            if probe:
-                _events.emit("pause_probe", _KIND, key, request, attempt=strikes)
-            try:
-                resp = await handler(request)
-            except BaseException:
-                if probe:
-                    gate.probe_failed()
-                    if self._shared is not None:
-                        self._shared.release(key)
-                raise
+                probe = turn
+            if not probe and gate.paced:
+                paced_at = _clock.now()
+                # max_wait bounds the pause; the departure after it is bounded on its own
+                await self._pace(key, gate, min(hard, paced_at + self._max_wait))
+                waited += _clock.now() - paced_at
+                if gate.closed:  # a 429 paused the key while we waited for our slot
+                    resp = None
+                    continue
+            resp, cuts = await self._send(request, handler, key, gate, probe)
             if resp.status != 429:
-                if probe:
-                    gate.open()
-                    if self._shared is not None:
-                        await self._shared.open(key)
                 return resp
+
+    async def _pause(
+        self,
+        request: ClientRequest,
+        key: str,
+        gate: PauseGate,
+        resp: ClientResponse,
+        probe: bool,
+        latest: float,
+        strikes: int,
+    ) -> bool:
+        """Close the key's gate for the 429's retry time, floored by the key's streak.
+        True: the caller gives up (the pause ends past ``latest``, or its body cannot be
+        sent again) and gets this 429 back."""
+        now = _clock.now()
+        hint = retry_hint(resp.headers, now=_clock.wall())
+        server = None if hint is None else hint[0]
+        delay = backoff_delay(server, max(gate.streak, 1), base=self._base, cap=self._cap)
+        if self._shared is not None:  # every process pauses: the end is Redis's
+            delay = max(delay, await self._share_pause(key, delay, resp))
+        wait = max(delay, gate.pause(delay, probe=probe))
+        gives_up = now + wait > latest or not body_replayable(request)
+        _events.emit(
+            "rate_limited", _KIND, key, request, attempt=strikes, delay=wait, status=429,
+            reason=_reason(hint, delay) + (_GIVES_UP if gives_up else ""),
+        )  # fmt: skip
+        return gives_up
+
+    async def _turn(
+        self,
+        request: ClientRequest,
+        key: str,
+        gate: PauseGate,
+        latest: float,
+        hard: float,
+        front: bool,
+        now: float,
+        strikes: int,
+    ) -> bool | None:
+        """Wait in the key's queue: True (we probe), False (the pause is over), None (wait
+        again). RateLimited when the pause ends beyond what the caller may wait."""
+        try:
+            with _metrics.waiting(_KIND, key, 429):
+                probe = await gate.wait_turn(latest, hard, front=front)
+        except PauseTooLong as exc:
+            raise RateLimited(key, exc.retry_after) from None
+        if probe and self._shared is not None:
+            claimed = await self._claim(key, gate)
+            if claimed is None:
+                return None
+            probe = claimed
+        if probe:
+            _events.emit("pause_probe", _KIND, key, request, attempt=strikes)
+        return probe
+
+    async def _send(
+        self,
+        request: ClientRequest,
+        handler: ClientHandlerType,
+        key: str,
+        gate: PauseGate,
+        probe: bool,
+    ) -> tuple[ClientResponse, int]:
+        """One attempt; its response and the cuts it was sent after. A probe's answer
+        that is not a 429 opens the gate; an error hands the probe role on."""
+        learned = gate.learned
+        cuts = 0 if learned is None else learned.cuts
+        try:
+            resp = await handler(request)
+        except BaseException:
+            if probe:
+                gate.probe_failed()
+                if self._shared is not None:
+                    self._shared.release(key)
+            raise
+        if resp.status == 429:
+            return resp, cuts
+        now = _clock.now()
+        gate.streak = 0
+        if learned is not None:
+            learned.accepted(now)
+        if probe:
+            gate.open()
+            if self._shared is not None:
+                await self._shared.open(key)
+        if self._proactive:
+            advertised = parse_advertised(resp.headers, now=_clock.wall())
+            if advertised is not None:
+                self._heed(key, advertised)
+        return resp, cuts
 
 
 def _shared(storage: str, on_error: OnStorageError) -> SharedPause | None:

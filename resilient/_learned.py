@@ -1,0 +1,181 @@
+"""The rate a key's server accepts, learned from its 429s: a measured-rate CUBIC law.
+
+A key has no learned rate (it is not paced) until its first 429. From then on its callers
+leave at :meth:`LearnedRate.rate`, a function of the time ``t`` since sending resumed
+after the last cut (the pause after a 429 does not count: nothing was learned in it):
+
+- **measure**: ``m`` = accepted (non-429) responses per second over the last
+  :data:`SPAN` seconds of sending; known once at least :data:`MIN_SPAN` seconds of
+  sending lie behind (a burst right after a pause says nothing about the rate).
+- **cut**, on a 429 (once per round: a 429 answering a request sent before the last cut
+  is the same signal): ``a = m`` if known (what the server demonstrably accepted; in
+  slow start at least half the rate we had doubled to), else ``a = r(now)`` (the rate we
+  were sending at), else, on a key's very first 429 after an unpaced burst,
+  ``a = max(accepted / max(elapsed, SPAN), SLOW_START_MIN / β)`` and the key is in
+  *slow start*. Then ``r₀ = β·a`` and the plateau ``W = P·a`` (``β = BETA``,
+  ``P = PLATEAU``: the plateau sits just below what the server accepted).
+- **grow**, while sending: ``r(t) = W·(1 + C·(t − K)³)``, ``K = ∛((1 − β/P)/C)``, so
+  the rate climbs back to ``W`` in ``K`` seconds, stays near it, then probes above it
+  ever faster (CUBIC, as the AWS SDKs' adaptive retry mode, with ``C`` relative to ``W``
+  so the shape does not depend on the rate's scale). In slow start (nothing measured):
+  ``r(t) = r₀·2^(t / DOUBLING)`` until the next 429 measures it.
+- bounds: ``MIN_RATE ≤ r ≤ ceiling`` (a :class:`~resilient.Throttle`'s rate caps it).
+
+Invariants (property-tested): ``r`` is never above the ceiling nor below ``MIN_RATE``;
+after a measured cut ``r(0) = β·m``; ``r`` is non-decreasing in ``t`` between cuts;
+``r(K) = W = P·m``.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "BETA",
+    "CUBIC_C",
+    "DOUBLING",
+    "MIN_RATE",
+    "MIN_SPAN",
+    "PLATEAU",
+    "SLOW_START_MIN",
+    "SPAN",
+    "LearnedRate",
+]
+
+BETA = 0.85
+"""Multiplicative cut: after a 429 the key sends at ``BETA`` × the accepted rate."""
+CUBIC_C = 0.0007
+"""CUBIC's scale (per s³, relative to ``W``): ``K = ∛((1 − BETA/PLATEAU)/C)`` ≈ 5.2 s.
+Small on purpose: every 429 costs a whole pause, so the rate probes above its plateau
+slowly (tuned on a leaky bucket with ``Retry-After: 1``; see the ``unknown`` benchmark)."""
+DOUBLING = 0.25
+"""Seconds per doubling of the rate in slow start."""
+SPAN = 1.0
+"""Seconds of sending over which the accepted rate is measured."""
+MIN_SPAN = 0.25
+"""Seconds of sending needed before the measurement counts."""
+MIN_RATE = 0.01
+"""Requests per second: no key is paced slower than this (one per 100 s)."""
+SLOW_START_MIN = 1.0
+"""Requests per second: slow start begins at least this fast (a key whose first 429
+came before anything was accepted has measured nothing)."""
+_BUCKETS = 4
+_WIDTH = SPAN / _BUCKETS
+PLATEAU = 0.94
+"""CUBIC's plateau ``W`` is ``PLATEAU`` × the accepted rate (just below it)."""
+_K = (1.0 - BETA / PLATEAU) / CUBIC_C
+_K = _K ** (1.0 / 3.0)
+
+
+class LearnedRate:
+    """One key's learned rate (see the module docstring); the caller passes the time."""
+
+    __slots__ = (
+        "_bucket",
+        "_counts",
+        "_first",
+        "_total",
+        "ceiling",
+        "cuts",
+        "peak",
+        "since",
+        "slow",
+        "start",
+    )
+
+    def __init__(self, now: float, ceiling: float = math.inf) -> None:
+        self.ceiling = ceiling
+        self.start: float | None = None
+        """``r₀``: the rate right after the last cut; None: not paced (no 429 yet)."""
+        self.peak = 0.0
+        """``W``: the accepted rate measured at the last cut."""
+        self.slow = False
+        self.since = now
+        """Loop time sending (re)started: the origin of ``t`` and of the measurement."""
+        self.cuts = 0
+        """Cuts so far: a request remembers it at send time (see :meth:`counts`)."""
+        self._first = now
+        self._total = 0
+        self._counts = [0] * _BUCKETS
+        self._bucket = 0
+
+    @property
+    def paced(self) -> bool:
+        return self.start is not None
+
+    def rate(self, now: float) -> float:
+        """``r(t)`` (``inf`` while not paced)."""
+        start = self.start
+        if start is None:
+            return math.inf
+        t = now - self.since
+        if t < 0.0:
+            t = 0.0
+        if self.slow:
+            grown = start * 2.0 ** min(t / DOUBLING, 64.0)
+        else:
+            x = t - _K
+            grown = self.peak * (1.0 + CUBIC_C * x * x * x)
+        if grown < MIN_RATE:
+            grown = MIN_RATE
+        return grown if grown < self.ceiling else self.ceiling
+
+    def accepted(self, now: float) -> None:
+        """A response that was not a 429 arrived at ``now``."""
+        self._total += 1
+        index = int((now - self.since) / _WIDTH)
+        if index < 0:
+            index = 0
+        self._roll(index)
+        self._counts[index % _BUCKETS] += 1
+
+    def measured(self, now: float) -> float | None:
+        """``m``: accepted per second over the last :data:`SPAN` of sending, or None."""
+        sending = now - self.since
+        if sending < MIN_SPAN:
+            return None
+        index = int(sending / _WIDTH)
+        self._roll(index)
+        # the ring holds the current (partial) bucket and the full ones before it
+        covered = min(sending, (_BUCKETS - 1) * _WIDTH + (sending - index * _WIDTH))
+        return sum(self._counts) / covered
+
+    def counts(self, cuts: int) -> bool:
+        """Whether a 429 to a request sent when :attr:`cuts` was ``cuts`` is news."""
+        return cuts == self.cuts
+
+    def cut(self, now: float) -> float:
+        """A 429 that :meth:`counts`: lower the rate (see the module docstring)."""
+        measured = self.measured(now)
+        if measured is not None and measured > 0.0:
+            peak, slow = measured, False
+            if self.slow and self.start is not None:  # overshot while doubling: half-way
+                peak = max(peak, self.rate(now) / 2.0)
+        elif self.start is not None:
+            peak, slow = self.rate(now), self.slow
+        else:
+            peak = max(self._total / max(now - self._first, SPAN), SLOW_START_MIN / BETA)
+            slow = True
+        self.peak = max(PLATEAU * peak, MIN_RATE)
+        self.start = max(min(BETA * peak, self.ceiling), MIN_RATE)
+        self.slow = slow
+        self.cuts += 1
+        self.resume(now)
+        return self.start
+
+    def resume(self, now: float) -> None:
+        """Sending (re)starts at ``now`` (a cut, or the end of a pause): the law's clock
+        and the measurement start over."""
+        self.since = now
+        self._counts = [0] * _BUCKETS
+        self._bucket = 0
+
+    def _roll(self, index: int) -> None:
+        """Empty the buckets between the last one written and ``index``."""
+        last = self._bucket
+        if index <= last:
+            return
+        counts = self._counts
+        for i in range(last + 1, min(index, last + _BUCKETS) + 1):
+            counts[i % _BUCKETS] = 0
+        self._bucket = index
