@@ -115,7 +115,7 @@ def build_policies(options: ResilientOptions, scale: float = 1.0) -> tuple[Any, 
         retry_kw["budget"] = None
     return (
         resilient.Retry(**retry_kw),
-        resilient.CircuitBreaker(window=30.0 * scale, open_for=30.0 * scale),
+        resilient.CircuitBreaker(window=2.0 * scale, open_for=0.5 * scale, max_open_for=scale),
         resilient.RateLimitBackoff(),
         resilient.Throttle(
             options.throttle_rate, burst=options.throttle_burst, quotas=options.throttle_quotas

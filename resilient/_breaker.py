@@ -75,10 +75,11 @@ DEFAULT_WINDOW = 2.0
 """Seconds of outcomes the window counts (short: an outage shows within it)."""
 DEFAULT_CONSECUTIVE_FAILURES = 10
 """Failures in a row that open the circuit whatever the window holds."""
-DEFAULT_OPEN_FOR = 1.0
+DEFAULT_OPEN_FOR = 0.5
 """Seconds of the first break; the break after a failed probe doubles (with jitter)."""
-DEFAULT_MAX_OPEN_FOR = 2.0
-"""Longest break, in seconds (``max(DEFAULT_MAX_OPEN_FOR, open_for)`` when not given)."""
+DEFAULT_MAX_OPEN_FOR = 1.0
+"""Longest break, in seconds (``max(DEFAULT_MAX_OPEN_FOR, open_for)`` when not given):
+short, so the first success after an outage comes within a second (outage benchmark)."""
 DEFAULT_HALF_OPEN_PROBES = 1
 """Trial requests admitted at once while half-open; all must succeed to close."""
 DEFAULT_MODE: Mode = "circuit"
@@ -345,10 +346,10 @@ class CircuitBreaker(Policy):
       window with failures / calls >= ``failure_ratio`` in (0, 1] (default 0.5).
     - ``window`` seconds (default 2): outcomes older than this slide out (10 buckets,
       so the window spans 0.9 × to 1 × ``window``).
-    - ``open_for`` seconds (default 1): the first break. While open, requests raise
+    - ``open_for`` seconds (default 0.5): the first break. While open, requests raise
       ``CircuitOpenError(key, retry_after)`` without touching the network;
       ``retry_after`` is the time left until half-open. After a failed probe the break
-      doubles with jitter up to ``max_open_for`` (default ``max(2, open_for)``):
+      doubles with jitter up to ``max_open_for`` (default ``max(1, open_for)``):
       ``max(open_for, min(max_open_for, open_for × 2^n) × U[0.5, 1))`` after the n-th
       failed probe in a row; back to ``open_for`` once the circuit closes.
     - ``half_open_probes`` >= 1 (default 1): after the break, at most this many

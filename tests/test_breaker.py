@@ -645,7 +645,7 @@ async def test_transitions_are_logged(server, client, caplog):
         ("consecutive_failures", 0),
         ("consecutive_failures", 2.0),
         ("consecutive_failures", True),
-        ("max_open_for", 0.5),  # below open_for (1 s)
+        ("max_open_for", 0.25),  # below open_for (0.5 s)
         ("max_open_for", float("inf")),
         ("max_open_for", float("nan")),
         ("max_open_for", "5"),
@@ -681,19 +681,19 @@ def test_a_redis_uri_is_accepted_and_its_password_never_shown():
 
 def test_defaults_and_repr():
     cb = CircuitBreaker()
-    assert (cb.failure_ratio, cb.min_calls, cb.window, cb.open_for) == (0.5, 10, 2.0, 1.0)
-    assert (cb.consecutive_failures, cb.max_open_for, cb.mode) == (10, 2.0, "circuit")
+    assert (cb.failure_ratio, cb.min_calls, cb.window, cb.open_for) == (0.5, 10, 2.0, 0.5)
+    assert (cb.consecutive_failures, cb.max_open_for, cb.mode) == (10, 1.0, "circuit")
     assert (cb.half_open_probes, cb.storage, cb.max_keys) == (1, "memory://", 10_000)
     assert repr(cb) == (
-        "CircuitBreaker(failure_ratio=0.5, min_calls=10, window=2.0, open_for=1.0,"
-        " half_open_probes=1, consecutive_failures=10, max_open_for=2.0, mode='circuit',"
+        "CircuitBreaker(failure_ratio=0.5, min_calls=10, window=2.0, open_for=0.5,"
+        " half_open_probes=1, consecutive_failures=10, max_open_for=1.0, mode='circuit',"
         " key=by_host, storage='memory://', max_keys=10000)"
     )
     assert (cb.kind, cb.order) == ("circuit_breaker", 20)
 
 
-@pytest.mark.parametrize(("open_for", "expected"), [(0.5, 2.0), (2.0, 2.0), (60.0, 60.0)])
-def test_max_open_for_defaults_to_the_larger_of_two_seconds_and_open_for(open_for, expected):
+@pytest.mark.parametrize(("open_for", "expected"), [(0.25, 1.0), (1.0, 1.0), (60.0, 60.0)])
+def test_max_open_for_defaults_to_the_larger_of_one_second_and_open_for(open_for, expected):
     assert CircuitBreaker(open_for=open_for).max_open_for == expected
 
 

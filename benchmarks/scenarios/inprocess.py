@@ -79,10 +79,11 @@ def _policies() -> dict[str, Sequence[ClientMiddlewareType]]:
 
 
 async def _open_chain(req: ClientRequest) -> ClientHandlerType:
-    """The full chain whose breaker has been opened by network failures."""
+    """The full chain whose breaker has been opened by network failures (an hour-long
+    break, so that no probe interrupts the measurement)."""
     import resilient
 
-    breaker = resilient.CircuitBreaker()
+    breaker = resilient.CircuitBreaker(open_for=3600.0)
 
     async def refused(_: ClientRequest) -> ClientResponse:
         raise aiohttp.ClientConnectionError("refused (benchmark)")

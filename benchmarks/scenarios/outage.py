@@ -246,7 +246,7 @@ def _targets(rows: Sequence[dict[str, Any]]) -> list[Target]:
 
 
 SWEEP: dict[str, dict[str, Any]] = {
-    "defaults": {},
+    "defaults (open_for=0.5 max=1)": {},
     "adaptive": {"mode": "adaptive"},
     "adaptive window=1": {"mode": "adaptive", "window": 1.0},
     "open_for=0.25 max=1": {"open_for": 0.25, "max_open_for": 1.0},
@@ -288,4 +288,5 @@ def sweep(outages: Sequence[float] = OUTAGES, seeds: int = 3, rate: float = 100.
 
 if __name__ == "__main__":
     if "--sweep" in sys.argv:
-        sweep(seeds=int(sys.argv[sys.argv.index("--sweep") + 1]) if sys.argv[-1] != "--sweep" else 3)
+        after = sys.argv[sys.argv.index("--sweep") + 1 :]
+        sweep(seeds=int(after[0]) if after else 3)
