@@ -9,8 +9,9 @@ after the last cut (the pause after a 429 does not count: nothing was learned in
   sending lie behind (a burst right after a pause says nothing about the rate).
 - **cut**, on a 429 (once per round: a 429 answering a request sent before the last cut
   is the same signal): ``a = m`` if known (what the server demonstrably accepted; in
-  slow start at least half the rate we had doubled to), else ``a = r(now)`` (the rate we
-  were sending at), else, on a key's very first 429 after an unpaced burst,
+  slow start at least half the rate we had doubled to), else the previous ``a`` (a 429
+  after too little sending to measure restarts the climb but teaches nothing, so random
+  429s do not compound), else, on a key's very first 429 after an unpaced burst,
   ``a = max(accepted / max(elapsed, SPAN), SLOW_START_MIN / β)`` and the key is in
   *slow start*. Then ``r₀ = β·a`` and the plateau ``W = P·a`` (``β = BETA``,
   ``P = PLATEAU``: the plateau sits just below what the server accepted).
@@ -75,6 +76,7 @@ class LearnedRate:
         "_counts",
         "_first",
         "_total",
+        "accepted_rate",
         "ceiling",
         "cuts",
         "peak",
@@ -88,7 +90,9 @@ class LearnedRate:
         self.start: float | None = None
         """``r₀``: the rate right after the last cut; None: not paced (no 429 yet)."""
         self.peak = 0.0
-        """``W``: the accepted rate measured at the last cut."""
+        """``W``: the plateau, ``PLATEAU`` × :attr:`accepted_rate`."""
+        self.accepted_rate = 0.0
+        """``a``: the accepted rate the last cut went by."""
         self.slow = False
         self.since = now
         """Loop time sending (re)started: the origin of ``t`` and of the measurement."""
@@ -151,11 +155,12 @@ class LearnedRate:
             peak, slow = measured, False
             if self.slow and self.start is not None:  # overshot while doubling: half-way
                 peak = max(peak, self.rate(now) / 2.0)
-        elif self.start is not None:
-            peak, slow = self.rate(now), self.slow
+        elif self.start is not None:  # too little sending to measure: keep what we know
+            peak, slow = self.accepted_rate, self.slow
         else:
             peak = max(self._total / max(now - self._first, SPAN), SLOW_START_MIN / BETA)
             slow = True
+        self.accepted_rate = peak
         self.peak = max(PLATEAU * peak, MIN_RATE)
         self.start = max(min(BETA * peak, self.ceiling), MIN_RATE)
         self.slow = slow

@@ -98,6 +98,7 @@ class PauseGate:
         "_departures",
         "_waiters",
         "closed",
+        "flying",
         "learned",
         "next_slot",
         "probing",
@@ -113,6 +114,8 @@ class PauseGate:
         self.until = 0.0
         self.learned: LearnedRate | None = None
         self.streak = 0
+        self.flying = 0
+        """Requests of the key on the wire (counted once the key has a gate)."""
         self.next_slot = 0.0
         self.spread = math.inf
         """An advertised limit's rate (remaining / seconds to its reset) ..."""
@@ -195,6 +198,7 @@ class PauseGate:
         return (
             not self._waiters
             and not self._departures
+            and not self.flying
             and not self.probing
             and (not self.closed or self.until <= now)
             and (not self.paced or self.next_slot + IDLE_FORGET <= now)

@@ -221,8 +221,16 @@ class RateLimitBackoff(Policy):
             gate = await self._adopt(key, gate)
         if gate is not None and (gate.closed or gate.paced):
             return await self._backoff(request, handler, key, started, None, 0)
-        cuts = 0 if gate is None or gate.learned is None else gate.learned.cuts
-        resp = await handler(request)
+        if gate is None:
+            resp = await handler(request)
+            cuts = 0
+        else:  # an advertised limit counts the key's requests in flight
+            cuts = 0 if gate.learned is None else gate.learned.cuts
+            gate.flying += 1
+            try:
+                resp = await handler(request)
+            finally:
+                gate.flying -= 1
         if resp.status == 429:
             return await self._backoff(request, handler, key, started, resp, cuts)
         if gate is not None:
@@ -270,17 +278,18 @@ class RateLimitBackoff(Policy):
         return None
 
     def _heed(self, key: str, advertised: Advertised) -> None:
-        """An advertised limit: none left -> pause until its reset; little left -> spread
-        it over the time to the reset (see :data:`SPREAD_BELOW`)."""
+        """An advertised limit, less the key's requests still in flight: none left ->
+        pause until its reset; little left -> spread it over the time to the reset (see
+        :data:`SPREAD_BELOW`)."""
         reset = advertised.reset
         if reset <= 0.0:
             return
-        low = max(SPREAD_BELOW, (advertised.limit or 0) // 10)
-        if advertised.remaining > low:
-            return
         gate = self._gates.get_or_create(key)
+        left = advertised.remaining - gate.flying  # those in flight will spend some
+        if left > max(SPREAD_BELOW, (advertised.limit or 0) // 10):
+            return
         now = _clock.now()
-        if advertised.remaining <= 0:
+        if left <= 0:
             if not gate.closed:
                 gate.pause(reset, probe=False)
                 _events.emit(
@@ -288,7 +297,7 @@ class RateLimitBackoff(Policy):
                     status=None, reason=f"advertised limit exhausted ({advertised.policy})",
                 )  # fmt: skip
             return
-        gate.spread = advertised.remaining / reset
+        gate.spread = left / reset
         gate.spread_until = now + min(reset, MAX_PAUSE)
 
     def _learn(self, gate: PauseGate, cuts: int) -> LearnedRate:
@@ -425,6 +434,7 @@ class RateLimitBackoff(Policy):
         that is not a 429 opens the gate; an error hands the probe role on."""
         learned = gate.learned
         cuts = 0 if learned is None else learned.cuts
+        gate.flying += 1
         try:
             resp = await handler(request)
         except BaseException:
@@ -433,6 +443,8 @@ class RateLimitBackoff(Policy):
                 if self._shared is not None:
                     self._shared.release(key)
             raise
+        finally:
+            gate.flying -= 1
         if resp.status == 429:
             return resp, cuts
         now = _clock.now()
