@@ -4,7 +4,9 @@ The documented contract (``resilient/_headers.py``): every parser returns ``None
 (absent or garbage) or a delay ``>= 0`` that is finite, or ``inf`` for "beyond any
 wait" (a number too large to represent). These tests check what the value *is*:
 round trips of every header form, the epoch/delta classification of reset values, the
-choice among RateLimit policies, and the order in which headers are consulted.
+choice among RateLimit policies, and the order in which headers are consulted; and for
+:func:`parse_advertised`: totality, the bounds of an :class:`Advertised` value, "the
+tightest wins" against a model, and the monotonic facts of that choice.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ from email.utils import format_datetime
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from resilient._headers import (
     EPOCH_MS_THRESHOLD,
     EPOCH_THRESHOLD,
+    MAX_REMAINING,
+    Advertised,
+    parse_advertised,
     parse_ratelimit,
     parse_reset,
     parse_retry_after,
@@ -226,3 +232,185 @@ def test_retry_hint_is_the_first_header_that_parses_in_the_documented_order(head
         None,
     )
     assert retry_hint(headers, now=now) == expected
+
+
+# --- parse_advertised ---------------------------------------------------------------
+
+ADVERTISING = [
+    "RateLimit-Policy",
+    "RateLimit",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+]
+SF_ISH = st.lists(
+    st.sampled_from(
+        [
+            '"a"',
+            "b",
+            ";",
+            ",",
+            " ",
+            "r=",
+            "t=",
+            "q=",
+            "w=",
+            "pk=",
+            "qu=",
+            "0",
+            "7",
+            "-",
+            ".",
+            ":YQ==:",
+            "?1",
+            '"requests"',
+            "remaining=",
+            "reset=",
+            "limit=",
+        ]
+    ),
+    max_size=30,
+).map("".join)
+
+
+def _valid_advertised(quota: Advertised | None) -> bool:
+    if quota is None:
+        return True
+    return (
+        type(quota.remaining) is int
+        and 0 <= quota.remaining <= MAX_REMAINING
+        and type(quota.reset) is float
+        and quota.reset >= 0.0  # NaN fails this
+        and (
+            quota.limit is None or (type(quota.limit) is int and 0 <= quota.limit <= MAX_REMAINING)
+        )
+        and (quota.window is None or (type(quota.window) is float and quota.window >= 0.0))
+        and type(quota.policy) is str
+        and (quota.partition is None or type(quota.partition) is str)
+    )
+
+
+@given(st.dictionaries(st.sampled_from(ADVERTISING), st.one_of(ANY_TEXT, SF_ISH)), NOWS)
+def test_advertised_is_total_and_keeps_its_bounds_over_any_text(fields, now):
+    assert _valid_advertised(parse_advertised(CIMultiDict(fields), now=now))
+
+
+@given(st.sampled_from(["9", " ", '"a";r=0;t=1,', "r=", ";", ",", '"']), st.integers(100, 4096))
+def test_advertised_reads_long_hostile_fields_without_raising(unit, length):
+    value = (unit * (length // len(unit) + 1))[:length]
+    fields = CIMultiDict({name: value for name in ADVERTISING})
+    assert _valid_advertised(parse_advertised(fields, now=EPOCH_THRESHOLD))
+
+
+# A draft-11 policy as generated: name, r, t (None: absent), q, w (None: absent).
+QUOTA = st.tuples(
+    st.integers(0, 10**6),
+    st.one_of(st.none(), st.integers(0, 10**6)),
+    st.integers(0, 10**6),
+    st.one_of(st.none(), st.integers(1, 10**6)),
+)
+
+
+def _draft11(quotas):
+    """(RateLimit-Policy, RateLimit, the Advertised value each usable item should give)."""
+    policy, ratelimit, expected = [], [], []
+    for i, (r, t, q, w) in enumerate(quotas):
+        name = f"p{i}"
+        policy.append(f'"{name}";q={q}' + ("" if w is None else f";w={w}"))
+        ratelimit.append(f'"{name}";r={r}' + ("" if t is None else f";t={t}"))
+        reset = t if t is not None else w
+        if reset is not None:
+            window = None if w is None else float(w)
+            expected.append(Advertised(r, float(reset), q, window, name))
+    return ", ".join(policy), ", ".join(ratelimit), expected
+
+
+def _draft11_headers(quotas) -> CIMultiDict[str]:
+    policy, ratelimit, _ = _draft11(quotas)
+    return CIMultiDict({"RateLimit-Policy": policy, "RateLimit": ratelimit})
+
+
+def _tightness(quota: Advertised) -> tuple[int, float]:
+    """The documented order, written independently: exhausted > paced > free."""
+    if quota.reset == 0.0:
+        return (0, -quota.remaining)
+    if quota.remaining == 0:
+        return (2, quota.reset)
+    return (1, -(quota.remaining / quota.reset))
+
+
+@given(st.lists(QUOTA, min_size=1, max_size=16))
+def test_advertised_is_the_tightest_usable_policy(quotas):
+    quota = parse_advertised(_draft11_headers(quotas), now=EPOCH_THRESHOLD)
+    usable = _draft11(quotas)[2]
+    if not usable:
+        assert quota is None
+        return
+    assert quota in usable  # one of the parsed policies, joined with its own q and w
+    assert _tightness(quota) == max(_tightness(u) for u in usable)
+    assert quota == next(u for u in usable if _tightness(u) == _tightness(quota))  # first
+    exhausted = [u.reset for u in usable if u.remaining == 0 and u.reset > 0.0]
+    if exhausted:  # the caller must wait, and for the longest of those resets
+        assert quota.remaining == 0
+        assert quota.reset == max(exhausted)
+
+
+@given(st.lists(QUOTA, min_size=1, max_size=15), QUOTA)
+def test_advertising_one_more_policy_never_loosens_the_result(quotas, extra):
+    before = parse_advertised(_draft11_headers(quotas), now=0.0)
+    after = parse_advertised(_draft11_headers([*quotas, extra]), now=0.0)
+    if before is not None:
+        assert after is not None
+        assert _tightness(after) >= _tightness(before)
+
+
+@given(st.lists(QUOTA, min_size=1, max_size=8), st.randoms(use_true_random=False))
+def test_the_order_of_policies_changes_only_ties(quotas, rng):
+    shuffled = quotas[:]
+    rng.shuffle(shuffled)
+    first, second = (parse_advertised(_draft11_headers(q), now=0.0) for q in (quotas, shuffled))
+    if first is None:
+        assert second is None
+    else:
+        assert _tightness(first) == _tightness(second)
+
+
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(1, 10**6))
+def test_fewer_remaining_never_loosens_a_single_quota(remaining, reset, fewer):
+    def at(r: int) -> Advertised | None:
+        return parse_advertised({"RateLimit": f'"p";r={r};t={reset}'}, now=0.0)
+
+    assert _tightness(at(max(0, remaining - fewer))) >= _tightness(at(remaining))
+
+
+@given(
+    st.sampled_from(["RateLimit-", "X-RateLimit-"]),
+    st.integers(0, 10**15),
+    st.integers(0, int(EPOCH_THRESHOLD) - 1),
+    st.one_of(st.none(), st.integers(0, 10**9)),
+    NOWS,
+)
+def test_legacy_trio_round_trips(prefix, remaining, reset, limit, now):
+    fields = {prefix + "Remaining": str(remaining), prefix + "Reset": str(reset)}
+    if limit is not None:
+        fields[prefix + "Limit"] = str(limit)
+    assert parse_advertised(CIMultiDict(fields), now=now) == Advertised(
+        remaining, float(reset), limit
+    )
+
+
+@given(st.integers(int(EPOCH_THRESHOLD), int(EPOCH_MS_THRESHOLD) - 1), NOWS)
+def test_x_ratelimit_epoch_reset_is_the_time_until_then_never_negative(epoch, now):
+    fields = {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": str(epoch)}
+    assert parse_advertised(fields, now=now) == Advertised(0, max(0.0, epoch - now))
+
+
+@given(st.integers(0, 10**400), st.integers(0, 10**400))
+def test_draft11_any_size_of_r_and_t_is_clipped_or_beyond_any_wait(remaining, reset):
+    quota = parse_advertised({"RateLimit": f'"p";r={remaining};t={reset}'}, now=0.0)
+    assert quota is not None
+    assert quota.remaining == min(remaining, MAX_REMAINING)
+    assert quota.reset == (float(reset) if reset < 10**308 else math.inf)
