@@ -23,7 +23,8 @@ def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
 
     Order: auth -> Retry -> CircuitBreaker -> RateLimitBackoff -> Throttle ->
     fault injection, then any other middlewares in the order given (innermost,
-    so they run on every wire attempt). Two policies of one kind are rejected.
+    so they run on every wire attempt). Two policies of one kind are rejected. With a
+    RateLimitBackoff and a Throttle, the Throttle's rate caps the key's learned rate.
     """
     seen: dict[str, Policy] = {}
     ours: list[Policy] = []
@@ -42,6 +43,9 @@ def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
         else:
             raise TypeError(f"chain: {policy!r} is not a middleware (not callable)")
     ours.sort(key=lambda p: p.order)
+    backoff, throttle = seen.get("rate_limit_backoff"), seen.get("throttle")
+    if backoff is not None and throttle is not None:  # the Throttle's rate caps the learned one
+        backoff.cap_rate(throttle.rate)  # type: ignore[attr-defined]
     return (*ours, *others)
 
 

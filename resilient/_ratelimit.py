@@ -299,6 +299,7 @@ class RateLimitBackoff(Policy):
             return
         gate.spread = left / reset
         gate.spread_until = now + min(reset, MAX_PAUSE)
+        gate.next_slot = max(gate.next_slot, now + 1.0 / gate.spread)
 
     def _learn(self, gate: PauseGate, cuts: int) -> LearnedRate:
         """A 429 to a request sent after ``cuts`` cuts: if it is news, cut the key's rate
@@ -472,6 +473,7 @@ def _shared(storage: str, on_error: OnStorageError) -> SharedPause | None:
 
 def _snapshot(key: str, gate: PauseGate) -> PauseStats:
     remaining = gate.remaining()
+    rate = gate.rate(_clock.now())
     return PauseStats(
         key=key,
         paused=gate.closed,
@@ -479,6 +481,7 @@ def _snapshot(key: str, gate: PauseGate) -> PauseStats:
         paused_until=_clock.wall_after(remaining) if gate.closed else None,
         probing=gate.probing,
         waiting=gate.waiting(),
+        rate=None if rate == math.inf else rate,
     )
 
 

@@ -37,7 +37,9 @@ class PauseStats:
     ``paused``: no caller may send (from a 429 until a probe's answer is not a 429).
     ``remaining``: seconds until the pause ends (0 when open, or when the probe is due).
     ``paused_until``: the UTC end of the pause, None when not paused. ``probing``: the
-    probe is on the wire. ``waiting``: callers queued for the pause to end.
+    probe is on the wire. ``waiting``: callers queued for the pause to end. ``rate``: the
+    key's send rate now (learned from its 429s, or an advertised limit's spread), None
+    while the key is not paced.
     """
 
     key: str
@@ -46,6 +48,7 @@ class PauseStats:
     paused_until: datetime | None
     probing: bool
     waiting: int
+    rate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,14 @@ class NginxServer:
             if proc.stderr is not None:
                 proc.stderr.close()
 
+    def error_log(self) -> str:
+        """nginx's error log so far (``limit_req`` logs every refused request there)."""
+        try:
+            with open(os.path.join(self._dir, "error.log"), encoding="utf-8") as file:
+                return file.read()
+        except OSError:
+            return ""
+
     def close(self) -> None:
         """:meth:`stop`, then remove the temporary directory."""
         self.stop()
