@@ -55,7 +55,8 @@ def test_slow_start_ends_at_half_the_rate_it_had_doubled_to():
 def test_a_first_429_after_an_unmeasured_burst_starts_slow_start_at_least_one_per_second():
     rate = LearnedRate(0.0)
     rate.cut(0.001)
-    assert rate.paced and rate.slow
+    assert rate.paced
+    assert rate.slow
     assert rate.rate(0.001) == pytest.approx(SLOW_START_MIN)
     assert rate.rate(0.001 + 1.0) == pytest.approx(16 * SLOW_START_MIN)  # 4 doublings
 
