@@ -45,8 +45,9 @@ tick early, and a loop clock with a coarse tick (``looptime``) may stop just sho
 float ``until``; without the slack the head would re-arm a zero-length timer forever."""
 
 
-IDLE_FORGET = 600.0
-"""Seconds without a send after which a key's learned rate may be evicted with the key."""
+IDLE_FORGET = 0.0
+"""Seconds past its last departure slot after which a paced key counts as idle (its
+learned rate may be evicted with it when the map is full)."""
 
 
 class PauseTooLong(Exception):
@@ -122,7 +123,7 @@ class PauseGate:
         self.spread_until = 0.0
         """... until this loop time (its reset)."""
         self._waiters: deque[_Waiter] = deque()
-        self._departures: deque[_Waiter] = deque()
+        self._departures: deque[_Waiter] | None = None  # created by the first queued caller
 
     @property
     def paced(self) -> bool:
@@ -161,6 +162,8 @@ class PauseGate:
         if not queue and self.next_slot <= now + DUE_SLACK:
             self.next_slot = now + 1.0 / self.rate(now)
             return
+        if queue is None:
+            queue = self._departures = deque()
         waiter = _Waiter()
         queue.append(waiter)
         try:
@@ -201,7 +204,7 @@ class PauseGate:
             and not self.flying
             and not self.probing
             and (not self.closed or self.until <= now)
-            and (not self.paced or self.next_slot + IDLE_FORGET <= now)
+            and (not self.paced or self.next_slot <= now)
         )
 
     def pause(self, delay: float, *, probe: bool) -> float:
