@@ -11,10 +11,10 @@ after the last cut (the pause after a 429 does not count: nothing was learned in
   is the same signal): ``a = m`` if known (what the server demonstrably accepted; in
   slow start at least half the rate we had doubled to), else the previous ``a`` (a 429
   after too little sending to measure restarts the climb but teaches nothing, so random
-  429s do not compound), else, on a key's very first 429 after an unpaced burst,
-  ``a = max(accepted / max(elapsed, SPAN), SLOW_START_MIN / β)`` and the key is in
-  *slow start*. Then ``r₀ = β·a`` and the plateau ``W = P·a`` (``β = BETA``,
-  ``P = PLATEAU``: the plateau sits just below what the server accepted).
+  429s do not compound), else, on a key's very first 429, ``a = SLOW_START_MIN / β``
+  and the key is in *slow start* (nothing was measured while it was not paced). Then
+  ``r₀ = β·a`` and the plateau ``W = P·a`` (``β = BETA``, ``P = PLATEAU``: the plateau
+  sits just below what the server accepted).
 - **grow**, while sending: ``r(t) = W·(1 + C·(t − K)³)``, ``K = ∛((1 − β/P)/C)``, so
   the rate climbs back to ``W`` in ``K`` seconds, stays near it, then probes above it
   ever faster (CUBIC, as the AWS SDKs' adaptive retry mode, with ``C`` relative to ``W``
@@ -58,14 +58,14 @@ MIN_SPAN = 0.25
 MIN_RATE = 0.01
 """Requests per second: no key is paced slower than this (one per 100 s)."""
 SLOW_START_MIN = 1.0
-"""Requests per second: slow start begins at least this fast (a key whose first 429
-came before anything was accepted has measured nothing)."""
+"""Requests per second: slow start begins at this rate (a key's first 429 comes before
+anything was measured)."""
 _BUCKETS = 4
 _WIDTH = SPAN / _BUCKETS
 PLATEAU = 0.94
 """CUBIC's plateau ``W`` is ``PLATEAU`` × the accepted rate (just below it)."""
-_K = (1.0 - BETA / PLATEAU) / CUBIC_C
-_K = _K ** (1.0 / 3.0)
+_K = ((1.0 - BETA / PLATEAU) / CUBIC_C) ** (1.0 / 3.0)
+"""``K``: seconds the climb takes back to the plateau."""
 
 
 class LearnedRate:
@@ -74,8 +74,6 @@ class LearnedRate:
     __slots__ = (
         "_bucket",
         "_counts",
-        "_first",
-        "_total",
         "accepted_rate",
         "ceiling",
         "cuts",
@@ -98,8 +96,6 @@ class LearnedRate:
         """Loop time sending (re)started: the origin of ``t`` and of the measurement."""
         self.cuts = 0
         """Cuts so far: a request remembers it at send time (see :meth:`counts`)."""
-        self._first = now
-        self._total = 0
         self._counts = [0] * _BUCKETS
         self._bucket = 0
 
@@ -126,7 +122,6 @@ class LearnedRate:
 
     def accepted(self, now: float) -> None:
         """A response that was not a 429 arrived at ``now``."""
-        self._total += 1
         index = int((now - self.since) / _WIDTH)
         if index < 0:
             index = 0
@@ -157,9 +152,8 @@ class LearnedRate:
                 peak = max(peak, self.rate(now) / 2.0)
         elif self.start is not None:  # too little sending to measure: keep what we know
             peak, slow = self.accepted_rate, self.slow
-        else:
-            peak = max(self._total / max(now - self._first, SPAN), SLOW_START_MIN / BETA)
-            slow = True
+        else:  # the key's first 429: nothing was measured before it (it was not paced)
+            peak, slow = SLOW_START_MIN / BETA, True
         self.accepted_rate = peak
         self.peak = max(PLATEAU * peak, MIN_RATE)
         self.start = max(min(BETA * peak, self.ceiling), MIN_RATE)

@@ -31,7 +31,7 @@ from collections import deque
 from . import _clock
 from ._learned import LearnedRate
 
-__all__ = ["IDLE_FORGET", "MAX_PAUSE", "PauseGate", "PauseTooLong"]
+__all__ = ["MAX_PAUSE", "PauseGate", "PauseTooLong"]
 
 MAX_PAUSE = 7 * 86_400.0
 """No key is paused longer than this (seconds), whatever a server says; a longer or
@@ -43,11 +43,6 @@ DUE_SLACK = 1e-6
 """Seconds: a pause ending this soon counts as ended. asyncio fires a timer up to a clock
 tick early, and a loop clock with a coarse tick (``looptime``) may stop just short of a
 float ``until``; without the slack the head would re-arm a zero-length timer forever."""
-
-
-IDLE_FORGET = 0.0
-"""Seconds past its last departure slot after which a paced key counts as idle (its
-learned rate may be evicted with it when the map is full)."""
 
 
 class PauseTooLong(Exception):
@@ -196,7 +191,8 @@ class PauseGate:
         return len(self._waiters)
 
     def is_idle(self) -> bool:
-        """Nothing to remember: no waiter, no probe, and no pause still running."""
+        """Nothing to remember: no waiter, no probe, nothing in flight, no pause still
+        running and no departure still due (a learned rate is evicted with its key)."""
         now = _clock.now()
         return (
             not self._waiters
@@ -220,8 +216,8 @@ class PauseGate:
         return self.until - now
 
     def open(self) -> None:
-        """The probe's answer was not a 429: every waiter may go (each takes a
-        :meth:`slot`, so a paced key releases them one by one); the streak ends."""
+        """The probe's answer was not a 429: every waiter may go (through
+        :meth:`depart`, so a paced key releases them one by one); the streak ends."""
         self.closed = False
         self.probing = False
         self.streak = 0

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
@@ -33,9 +35,8 @@ from . import _clock, _events, _metrics
 from ._backoff import capped_doubling
 from ._deadline import allowance
 from ._errors import RateLimited
-from ._headers import Advertised, parse_advertised, retry_hint
+from ._headers import parse_advertised, retry_hint
 from ._keys import KeyFunc, by_host
-from ._learned import LearnedRate
 from ._log import logger
 from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
 from ._policy import Policy
@@ -222,23 +223,13 @@ class RateLimitBackoff(Policy):
         if gate is not None and (gate.closed or gate.paced):
             return await self._backoff(request, handler, key, started, None, 0)
         if gate is None:
-            resp = await handler(request)
-            cuts = 0
-        else:  # an advertised limit counts the key's requests in flight
-            cuts = 0 if gate.learned is None else gate.learned.cuts
-            gate.flying += 1
-            try:
-                resp = await handler(request)
-            finally:
-                gate.flying -= 1
+            resp, cuts = await handler(request), 0
+            if resp.status != 429:
+                self._heed(key, resp)
+        else:  # the key has a gate: count the request in flight (see _send)
+            resp, cuts = await self._send(request, handler, key, gate, False)
         if resp.status == 429:
             return await self._backoff(request, handler, key, started, resp, cuts)
-        if gate is not None:
-            gate.streak = 0
-        if self._proactive:
-            advertised = parse_advertised(resp.headers, now=_clock.wall())
-            if advertised is not None:
-                self._heed(key, advertised)
         return resp
 
     async def _adopt(self, key: str, gate: PauseGate | None) -> PauseGate | None:
@@ -277,10 +268,15 @@ class RateLimitBackoff(Policy):
         gate.pause(seconds if verdict == "paused" else min(seconds, PROBE_POLL), probe=True)
         return None
 
-    def _heed(self, key: str, advertised: Advertised) -> None:
-        """An advertised limit, less the key's requests still in flight: none left ->
-        pause until its reset; little left -> spread it over the time to the reset (see
-        :data:`SPREAD_BELOW`)."""
+    def _heed(self, key: str, resp: ClientResponse) -> None:
+        """With ``proactive``, the limit ``resp`` advertises, less the key's requests still
+        in flight: none left -> pause until its reset; little left -> spread it over the
+        time to the reset (see :data:`SPREAD_BELOW`)."""
+        if not self._proactive:
+            return
+        advertised = parse_advertised(resp.headers, now=_clock.wall())
+        if advertised is None:
+            return
         reset = advertised.reset
         if reset <= 0.0:
             return
@@ -301,7 +297,7 @@ class RateLimitBackoff(Policy):
         gate.spread_until = now + min(reset, MAX_PAUSE)
         gate.next_slot = max(gate.next_slot, now + 1.0 / gate.spread)
 
-    def _learn(self, gate: PauseGate, cuts: int) -> LearnedRate:
+    def _learn(self, gate: PauseGate, cuts: int) -> None:
         """A 429 to a request sent after ``cuts`` cuts: if it is news, cut the key's rate
         and lengthen its streak."""
         now = _clock.now()
@@ -309,16 +305,6 @@ class RateLimitBackoff(Policy):
         if learned.counts(cuts):
             learned.cut(now)
             gate.streak += 1
-        return learned
-
-    async def _pace(self, key: str, gate: PauseGate, latest: float) -> None:
-        """Wait for this caller's departure at the key's rate (:meth:`PauseGate.depart`);
-        RateLimited at once if it would come after ``latest`` (nothing was sent)."""
-        try:
-            with _metrics.waiting(_KIND, key, 429):
-                await gate.depart(latest)
-        except PauseTooLong as exc:
-            raise RateLimited(key, exc.retry_after) from None
 
     async def _backoff(
         self,
@@ -351,7 +337,7 @@ class RateLimitBackoff(Policy):
             elif gate.closed and logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s: %s is paused for %.3fs", _KIND, key, gate.remaining())
             if gate.closed:
-                turn = await self._turn(request, key, gate, latest, hard, front, now, strikes)
+                turn = await self._turn(request, key, gate, latest, hard, front, strikes)
                 waited += _clock.now() - now
                 if turn is None:  # another process probes, or paused again: wait again
                     resp, probe = None, False
@@ -360,7 +346,8 @@ class RateLimitBackoff(Policy):
             if not probe and gate.paced:
                 paced_at = _clock.now()
                 # max_wait bounds the pause; the departure after it is bounded on its own
-                await self._pace(key, gate, min(hard, paced_at + self._max_wait))
+                with _waiting(key):
+                    await gate.depart(min(hard, paced_at + self._max_wait))
                 waited += _clock.now() - paced_at
                 if gate.closed:  # a 429 paused the key while we waited for our slot
                     resp = None
@@ -404,16 +391,12 @@ class RateLimitBackoff(Policy):
         latest: float,
         hard: float,
         front: bool,
-        now: float,
         strikes: int,
     ) -> bool | None:
         """Wait in the key's queue: True (we probe), False (the pause is over), None (wait
         again). RateLimited when the pause ends beyond what the caller may wait."""
-        try:
-            with _metrics.waiting(_KIND, key, 429):
-                probe = await gate.wait_turn(latest, hard, front=front)
-        except PauseTooLong as exc:
-            raise RateLimited(key, exc.retry_after) from None
+        with _waiting(key):
+            probe = await gate.wait_turn(latest, hard, front=front)
         if probe and self._shared is not None:
             claimed = await self._claim(key, gate)
             if claimed is None:
@@ -456,11 +439,19 @@ class RateLimitBackoff(Policy):
             gate.open()
             if self._shared is not None:
                 await self._shared.open(key)
-        if self._proactive:
-            advertised = parse_advertised(resp.headers, now=_clock.wall())
-            if advertised is not None:
-                self._heed(key, advertised)
+        self._heed(key, resp)
         return resp, cuts
+
+
+@contextmanager
+def _waiting(key: str) -> Iterator[None]:
+    """A wait for ``key`` (the pause, or a paced departure), counted in the metrics;
+    :class:`PauseTooLong` becomes :class:`~resilient.RateLimited` (nothing was sent)."""
+    try:
+        with _metrics.waiting(_KIND, key, 429):
+            yield
+    except PauseTooLong as exc:
+        raise RateLimited(key, exc.retry_after) from None
 
 
 def _shared(storage: str, on_error: OnStorageError) -> SharedPause | None:

@@ -14,8 +14,6 @@ reset, earning no 429 at all: resilient's default chain (``RateLimitBackoff``'s
 
 from __future__ import annotations
 
-from typing import Any
-
 from .._clients import (
     AiohttpRetry429Client,
     AiohttpRetryClient,
@@ -24,19 +22,15 @@ from .._clients import (
     ClientSpec,
     TenacityClient,
 )
-from .._harness import Config, Progress, ScenarioResult, Target, run_virtual
+from .._harness import Config, Progress, ScenarioResult
 from .unknown import (
     BASELINE,
-    BUCKET,
     CALLERS,
     CUTOFF,
     DEFAULT,
     RAW,
     Limit,
-    Run,
-    chain_targets,
-    closed_loop,
-    row,
+    run_limits,
 )
 
 NAME = "advertised"
@@ -68,21 +62,9 @@ def units(cfg: Config) -> float:
 
 
 def run(cfg: Config, progress: Progress) -> ScenarioResult:
-    rows: list[dict[str, Any]] = []
-    targets: list[Target] = []
-    series: dict[str, Any] = {"bucket": BUCKET, "runs": {}}
-    for limit in _limits(cfg):
-        plotted: dict[str, list[tuple[float, int]]] = {}
-        for spec in SPECS:
-            progress.set_label(f"{NAME}: {limit.label}: {spec.label}")
-            result: Run = run_virtual(closed_loop(spec.factory, limit, _wall_limit(cfg)))
-            rows.append({"server": limit.label, **row(spec.label, limit, result)})
-            if spec.label in (DEFAULT, BASELINE):
-                plotted[spec.label] = result.log
-            if spec.label == DEFAULT:
-                targets += chain_targets(limit, rows[-1], result.log, RATE_TARGET, None)
-            progress.advance()
-        series["runs"][limit.label] = {"rate": limit.rate, "arrivals": plotted}
+    rows, targets, series = run_limits(
+        NAME, _limits(cfg), lambda _limit: SPECS, _wall_limit(cfg), (RATE_TARGET, None), progress
+    )
     return ScenarioResult(
         name=NAME,
         title=TITLE,

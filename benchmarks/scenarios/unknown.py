@@ -264,22 +264,39 @@ def chain_targets(
     ]
 
 
-def run(cfg: Config, progress: Progress) -> ScenarioResult:
+def run_limits(
+    name: str,
+    limits: Sequence[Limit],
+    specs: Callable[[Limit], Sequence[ClientSpec]],
+    wall_limit: float,
+    targets_of: tuple[float, float | None],
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], list[Target], dict[str, Any]]:
+    """Every client of ``specs(limit)`` against every limit, closed loop on virtual time:
+    the table's rows, the default chain's targets (``targets_of``: the rate and 429
+    targets, see :func:`chain_targets`) and the plots' series."""
     rows: list[dict[str, Any]] = []
     targets: list[Target] = []
     series: dict[str, Any] = {"bucket": BUCKET, "runs": {}}
-    for limit in _limits(cfg):
+    for limit in limits:
         plotted: dict[str, list[tuple[float, int]]] = {}
-        for spec in _specs(limit):
-            progress.set_label(f"{NAME}: {limit.label}: {spec.label}")
-            result: Run = run_virtual(closed_loop(spec.factory, limit, _wall_limit(cfg)))
+        for spec in specs(limit):
+            progress.set_label(f"{name}: {limit.label}: {spec.label}")
+            result: Run = run_virtual(closed_loop(spec.factory, limit, wall_limit))
             rows.append({"server": limit.label, **row(spec.label, limit, result)})
             if spec.label in (DEFAULT, BASELINE):
                 plotted[spec.label] = result.log
             if spec.label == DEFAULT:
-                targets += chain_targets(limit, rows[-1], result.log, RATE_TARGET, REJECT_TARGET)
+                targets += chain_targets(limit, rows[-1], result.log, *targets_of)
             progress.advance()
         series["runs"][limit.label] = {"rate": limit.rate, "arrivals": plotted}
+    return rows, targets, series
+
+
+def run(cfg: Config, progress: Progress) -> ScenarioResult:
+    rows, targets, series = run_limits(
+        NAME, _limits(cfg), _specs, _wall_limit(cfg), (RATE_TARGET, REJECT_TARGET), progress
+    )
     return ScenarioResult(
         name=NAME,
         title=TITLE,
