@@ -203,3 +203,30 @@ async def test_against_nginx_limit_req_the_default_chain_finishes_every_call():
     assert learned is not None
     assert learned < 200
     assert refused <= 0.25 * 250  # the old chain earned 175 429s for 42 calls
+
+
+@pytest.mark.looptime
+async def test_callers_cancelled_while_queued_for_a_paced_departure_leave_no_trace(server):
+    """A paced key (1/s after its first 429): the head and a middle caller of the departure
+    queue are cancelled; the others still leave one by one and the queue ends empty."""
+    server.script("/x", too_many("0"))
+    policy = RateLimitBackoff(key=lambda request: "k")
+    async with resilient.session(policy) as s:
+        assert await get(s, server.url + "/x") == 200  # learned: slow start from 1/s
+        tasks = [asyncio.create_task(get(s, server.url + "/x")) for _ in range(6)]
+        await asyncio.sleep(0.01)  # the retry just took a slot: all six queue
+        gate = policy._gates.get("k")
+        assert gate is not None
+        assert gate._departures is not None
+        assert len(gate._departures) == 6
+        tasks[0].cancel()  # the head of the queue, asleep until its slot
+        tasks[3].cancel()  # one in the middle
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert not gate._departures
+        assert gate.is_idle() or gate.next_slot > asyncio.get_running_loop().time()
+    cancelled = [r for r in results if isinstance(r, asyncio.CancelledError)]
+    assert len(cancelled) == 2
+    assert [r for r in results if not isinstance(r, BaseException)] == [200] * 4
+    times = sorted(a.time for a in server.arrivals)[2:]  # after the 429 and its retry
+    assert len(times) == 4
+    assert all(b > a for a, b in itertools.pairwise(times))  # one by one, never together
