@@ -32,6 +32,7 @@ __all__ = [
     "EPOCH_THRESHOLD",
     "MAX_REMAINING",
     "Advertised",
+    "advertises",
     "parse_advertised",
     "parse_ratelimit",
     "parse_reset",
@@ -172,6 +173,14 @@ class Advertised:
     window: float | None = None
     policy: str = "default"
     partition: str | None = None
+
+
+def advertises(headers: Mapping[str, str]) -> bool:
+    """Whether ``headers`` carry any field :func:`parse_advertised` reads (three lookups:
+    a caller checks this before reading the wall clock for ``now``)."""
+    return (
+        _RATELIMIT in headers or _LEGACY[0][0] in headers or _LEGACY[1][0] in headers
+    )
 
 
 def parse_advertised(headers: Mapping[str, str], *, now: float) -> Advertised | None:

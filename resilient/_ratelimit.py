@@ -35,7 +35,7 @@ from . import _clock, _events, _metrics
 from ._backoff import capped_doubling
 from ._deadline import allowance
 from ._errors import RateLimited
-from ._headers import parse_advertised, retry_hint
+from ._headers import advertises, parse_advertised, retry_hint
 from ._keys import KeyFunc, by_host
 from ._log import logger
 from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
@@ -272,8 +272,8 @@ class RateLimitBackoff(Policy):
         """With ``proactive``, the limit ``resp`` advertises, less the key's requests still
         in flight: none left -> pause until its reset; little left -> spread it over the
         time to the reset (see :data:`SPREAD_BELOW`)."""
-        if not self._proactive:
-            return
+        if not self._proactive or not advertises(resp.headers):
+            return  # the common response: no wall-clock read, no parsing
         advertised = parse_advertised(resp.headers, now=_clock.wall())
         if advertised is None:
             return

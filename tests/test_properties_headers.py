@@ -27,6 +27,7 @@ from resilient._headers import (
     EPOCH_THRESHOLD,
     MAX_REMAINING,
     Advertised,
+    advertises,
     parse_advertised,
     parse_ratelimit,
     parse_reset,
@@ -414,3 +415,25 @@ def test_draft11_any_size_of_r_and_t_is_clipped_or_beyond_any_wait(remaining, re
     assert quota is not None
     assert quota.remaining == min(remaining, MAX_REMAINING)
     assert quota.reset == (float(reset) if reset < 10**308 else math.inf)
+
+
+ADVERTISING_NAMES = (
+    "RateLimit", "RateLimit-Policy", "RateLimit-Limit", "RateLimit-Remaining",
+    "RateLimit-Reset", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+    "Retry-After", "Content-Type",
+)  # fmt: skip
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(ADVERTISING_NAMES).map(lambda n: n.upper() if len(n) % 2 else n),
+        st.sampled_from(["0", "5", "30", '"d";r=0;t=9', '"d";q=5;w=9', "1700000100", "x"]),
+    ),
+    NOWS,
+)
+def test_a_response_that_does_not_advertise_parses_to_nothing(fields, now):
+    """``advertises`` is the cheap gate before the wall-clock read: whatever it rejects,
+    ``parse_advertised`` would have rejected too."""
+    headers = CIMultiDict(fields)
+    if not advertises(headers):
+        assert parse_advertised(headers, now=now) is None
