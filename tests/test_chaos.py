@@ -46,7 +46,10 @@ BUSINESSES = 12
 LATENCY = 0.02
 """Server seconds per request (virtual), so the soak spans several seconds of traffic."""
 READ_TIMEOUT = 1.0
-DOWNTIME = 0.5
+DOWNTIME = 1.5
+"""Virtual seconds the server is down midway. Long enough that traffic meets it: once keys
+are paced at their learned rates (random 429s teach them), 0.5 s of downtime was often
+crossed by retries alone, and the soak then never saw the restart's refusals."""
 SOAK_LIMIT = 120.0
 """Virtual seconds the soak may take; beyond it the test fails as hung."""
 DRAIN_LIMIT = 10.0
