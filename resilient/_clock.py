@@ -42,8 +42,15 @@ def wall() -> float:
 
 
 def wall_after(seconds: float) -> datetime:
-    """The UTC wall-clock instant ``seconds`` from now (for "waiting until ..." logs)."""
+    """The UTC wall-clock instant ``seconds`` from now (for "waiting until ..." logs).
+
+    Never raises: beyond the years datetime holds it saturates (``datetime.max``, or
+    ``datetime.min`` for a negative delay); ``nan`` reads as now.
+    """
+    now = datetime.now(UTC)
+    if seconds != seconds:  # nan
+        return now
     try:
-        return datetime.now(UTC) + timedelta(seconds=seconds)
+        return now + timedelta(seconds=seconds)
     except OverflowError:
-        return datetime.max.replace(tzinfo=UTC)
+        return (datetime.max if seconds > 0 else datetime.min).replace(tzinfo=UTC)
