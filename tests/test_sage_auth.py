@@ -348,3 +348,41 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_refresh(server):
         with pytest.raises(asyncio.CancelledError):
             await first
     assert tokens.refreshes == 1
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.looptime
+async def test_a_request_entering_as_the_refresh_completes_does_not_refresh_again(server):
+    """The request enters the chain in the very loop tick where ``refresh()`` completes
+    (before the first caller resumes), still carrying the replaced token: its 401 must
+    be re-sent with the new token, not rotate the refresh token a second time."""
+    tokens = Tokens()
+    tokens.expire()
+    server.default("/r", tokens.reply)
+    server.default("/late", tokens.reply)
+    completes = asyncio.Event()
+
+    async def refresh() -> str:
+        token = await tokens.refresh()
+        completes.set()  # wakes the late request in the same tick as the refresh's end
+        return token
+
+    async def hold(request: aiohttp.ClientRequest, handler):  # a user's outer middleware
+        if request.url.path == "/late":
+            await completes.wait()
+        return await handler(request)
+
+    policy = sage.TokenRefresh(refresh)
+    async with aiohttp.ClientSession(middlewares=(hold, policy), headers=bearer("access-0")) as s:
+
+        async def call(path: str) -> int:
+            async with s.get(server.url + path) as resp:
+                return resp.status
+
+        late = asyncio.create_task(call("/late"))  # parked in ``hold``
+        statuses = await asyncio.gather(call("/r"), late)
+    assert tokens.refreshes == 1
+    assert statuses == [200, 200]
+    assert policy.generation == 1
+    assert sent_tokens(server, "/r") == ["Bearer access-0", "Bearer access-1"]
+    assert sent_tokens(server, "/late")[-1] == "Bearer access-1"

@@ -101,7 +101,11 @@ class TokenRefresh(Policy):
       :class:`TokenRefreshError` from it; nothing loops.
     - After a refresh, every request that still carries a replaced
       ``Authorization`` value (e.g. the session's default header) is sent with the
-      new token instead, so callers do not each rediscover the expiry.
+      new token instead, so callers do not each rediscover the expiry. The values a
+      refresh replaces (those its callers sent) are marked in the step it completes.
+    - One refresh per expiry: a request sent with an older token generation than the
+      one in place when its 401 comes back is re-sent with the newer token, never
+      refreshed again (``refresh()`` rotates the refresh token).
     - Any other 401: ``await on_reauthorize()`` (if given; it may run for several
       concurrent 401s, so make it idempotent) and the 401 is returned; nothing is
       retried. A 401 whose body cannot be read is returned as is.
@@ -113,7 +117,15 @@ class TokenRefresh(Policy):
     kind = "auth"
     order = 0
 
-    __slots__ = ("_auth", "_generation", "_inflight", "_on_reauthorize", "_refresh", "_stale")
+    __slots__ = (
+        "_auth",
+        "_generation",
+        "_inflight",
+        "_on_reauthorize",
+        "_refresh",
+        "_replacing",
+        "_stale",
+    )
 
     def __init__(
         self, refresh: RefreshFunc, *, on_reauthorize: ReauthorizeFunc | None = None
@@ -134,11 +146,12 @@ class TokenRefresh(Policy):
         self._stale: dict[str, None] = {}  # replaced Authorization values, oldest first
         self._generation = 0  # successful refreshes so far
         self._inflight: asyncio.Future[str] | None = None
+        self._replacing: dict[str, None] = {}  # values the refresh in flight replaces
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, by_host(request), request, handler)
-        generation = self._generation
+        generation = self._generation  # of the newest token this request can carry
         if self._stale and request.headers.get(hdrs.AUTHORIZATION) in self._stale:
             request.headers[hdrs.AUTHORIZATION] = self._auth
         resp = await handler(request)
@@ -153,10 +166,7 @@ class TokenRefresh(Policy):
             await self._reauthorize(request, resp, codes)
             return resp
         resp.release()
-        sent = request.headers.get(hdrs.AUTHORIZATION)
         auth = await self._fresh_auth(generation, request)
-        if sent is not None and sent != auth:
-            self._mark_stale(sent)
         if getattr(request.body, "consumed", False):
             raise BodyNotReplayable("TokenRefresh: token refreshed but the body is consumed")
         request.headers[hdrs.AUTHORIZATION] = auth
@@ -179,34 +189,39 @@ class TokenRefresh(Policy):
             raise
 
     async def _fresh_auth(self, generation: int, request: ClientRequest) -> str:
-        """The ``Authorization`` value to re-send with: join, reuse or start a refresh."""
+        """The ``Authorization`` value to re-send with: join the refresh in flight, reuse
+        a token newer than ``generation`` (the request's), or start a refresh."""
         task = self._inflight
         if task is None:
             if self._generation != generation and self._auth:
                 return self._auth  # refreshed after this request was sent
+            self._replacing = {}
             task = self._inflight = asyncio.get_running_loop().create_task(
-                self._run_refresh(request), context=_metrics.fresh_context()
+                self._run_refresh(request, self._replacing), context=_metrics.fresh_context()
             )
             task.add_done_callback(_retrieve)
+        sent = request.headers.get(hdrs.AUTHORIZATION)
+        if sent is not None:  # replaced once the refresh succeeds, even if we are cancelled
+            self._replacing[sent] = None
         try:
             return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            sent = request.headers.get(hdrs.AUTHORIZATION)
-            if sent is not None:  # no caller may survive to mark the token replaced
-                task.add_done_callback(lambda done: self._replaced(done, sent))
-            raise
         except Exception as exc:
             raise TokenRefreshError(
                 f"TokenRefresh: refresh() failed ({type(exc).__name__}); nothing was re-sent"
             ) from exc
 
-    async def _run_refresh(self, request: ClientRequest) -> str:
-        """Refresh once for every caller; ``request`` (the first to need it) names the event."""
+    async def _run_refresh(self, request: ClientRequest, replacing: dict[str, None]) -> str:
+        """Refresh once for every caller; ``request`` (the first to need it) names the event.
+
+        In the step it completes, the token is in place and every value its callers
+        sent (``replacing``) is stale: a request entering before they resume goes out
+        with the new token instead of meeting the expiry again."""
         _in_refresh.set(True)  # this task's own context copy
         try:
             auth = _bearer(await self._refresh())
-            if self._auth and self._auth != auth:
-                self._mark_stale(self._auth)
+            for value in (self._auth, *replacing):
+                if value and value != auth:
+                    self._mark_stale(value)
             self._auth = auth
             self._generation += 1
             logger.info("TokenRefresh: access token refreshed (generation %d)", self._generation)
@@ -217,11 +232,6 @@ class TokenRefresh(Policy):
             return auth
         finally:
             self._inflight = None
-
-    def _replaced(self, refresh: asyncio.Future[str], sent: str) -> None:
-        """After a refresh a cancelled caller waited for: ``sent`` is stale if it succeeded."""
-        if not refresh.cancelled() and refresh.exception() is None and refresh.result() != sent:
-            self._mark_stale(sent)
 
     def _mark_stale(self, value: str) -> None:
         """Remember ``value`` as replaced (bounded by :data:`MAX_STALE_TOKENS`)."""
