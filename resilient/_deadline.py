@@ -5,10 +5,15 @@ A wait may start only if it ends before every limit the caller is under:
     allowance = min(deadline - now,                           # resilient.deadline()
                     session.timeout.total - (now - started))  # aiohttp's total
 
-``started`` is when ``resilient`` first saw the request: the earlier of the time the
-calling policy passes and the mark an outer policy left with :func:`mark_start`.
-aiohttp's per-request ``timeout=`` is invisible to middlewares (aiohttp 3.14);
-``deadline()`` is the per-call budget.
+``started`` is when the call (one ``session.get(...)``) started: the first policy to
+ask, the outermost, marks it with :func:`mark_start`, once for the whole call. A
+redirect or aiohttp's own re-send of a dropped keep-alive request builds a new
+``ClientRequest`` and runs the chain again, so the mark is not kept on the request: it
+is a contextvar naming the call by aiohttp's timer (``request._timer``, one per call,
+shared by its hops). It is not reset when a policy returns (the next hop must find
+it); the next call, with another timer, replaces it. aiohttp's per-request
+``timeout=`` is invisible to middlewares (aiohttp 3.14); ``deadline()`` is the
+per-call budget.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 
 from aiohttp import ClientRequest
+from aiohttp.helpers import BaseTimerContext
 
 from . import _clock
 
@@ -82,21 +88,33 @@ def remaining() -> float:
     return math.inf if end is None else end - _clock.now()
 
 
-_STARTED = "_resilient_started"
+_call: ContextVar[tuple[BaseTimerContext, float] | None] = ContextVar(
+    "resilient_call", default=None
+)
+"""The call in progress in this context: (aiohttp's timer of the call, its start)."""
 
 
 def mark_start(request: ClientRequest, now: float) -> float:
-    """Record ``now`` as the time ``request`` started, unless an outer policy already did."""
-    started: float = vars(request).setdefault(_STARTED, now)
-    return started
+    """The start of the call ``request`` belongs to: ``now`` if no policy marked this
+    call yet (the caller is the outermost), else the outer policy's mark. Every hop of
+    the call (redirects, aiohttp's re-sends) shares it: one contextvar get per call."""
+    mark = _call.get()
+    timer = request._timer
+    if mark is not None and mark[0] is timer:
+        return mark[1]
+    _call.set((timer, now))
+    return now
 
 
 def allowance(request: ClientRequest, started: float) -> float:
-    """Seconds the caller may still spend waiting (may be negative; ``inf`` if unbounded)."""
+    """Seconds the caller may still spend waiting (may be negative; ``inf`` if unbounded):
+    counted from ``started`` or the call's mark (:func:`mark_start`), whichever is earlier."""
     left = remaining()
     session = request.session
     total = session.timeout.total if session is not None else None
     if total is not None and total > 0:
-        started = min(started, vars(request).get(_STARTED, started))
+        mark = _call.get()
+        if mark is not None and mark[0] is request._timer and mark[1] < started:
+            started = mark[1]
         left = min(left, total - (_clock.now() - started) - TIMEOUT_MARGIN)
     return left

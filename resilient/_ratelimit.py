@@ -33,7 +33,7 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from . import _clock, _events, _metrics
 from ._backoff import capped_doubling
-from ._deadline import allowance
+from ._deadline import allowance, mark_start
 from ._errors import RateLimited
 from ._headers import advertises, parse_advertised, retry_hint
 from ._keys import KeyFunc, by_host
@@ -216,8 +216,9 @@ class RateLimitBackoff(Policy):
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
         gate = self._gates.get(key)
-        # Our entry time bounds waits by aiohttp's total timeout; without one it is unused.
-        started = _clock.now_for(request) if request.session.timeout.total else 0.0
+        # The call's start bounds waits by aiohttp's total timeout; without one it is unused.
+        total = request.session.timeout.total
+        started = mark_start(request, _clock.now_for(request)) if total else 0.0
         if self._shared is not None and (gate is None or not gate.closed):
             gate = await self._adopt(key, gate)
         if gate is not None and (gate.closed or gate.paced):

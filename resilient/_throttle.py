@@ -33,7 +33,7 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from . import _clock, _events, _metrics
 from ._adaptive import DEFAULT_MIN_RATE_DIVISOR, decreased, increased
 from ._bucket import TokenBucket
-from ._deadline import allowance
+from ._deadline import allowance, mark_start
 from ._errors import DeadlineExceeded
 from ._keys import KeyFunc, by_host
 from ._log import log_wait
@@ -205,6 +205,7 @@ class Throttle(Policy):
             return await _metrics.counted(self, key, request, handler)
         state = self._get(key) or self._states.get_or_create(key)
         now = _clock.now_for(request)
+        mark_start(request, now)  # the call's start, unless an outer policy marked it
         quotas = self._quotas
         if (
             state.waiters
