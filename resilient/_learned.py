@@ -18,12 +18,16 @@ after the last cut (the pause after a 429 does not count: nothing was learned in
 - **grow**, while sending: ``r(t) = W·(1 + C·(t − K)³)``, ``K = ∛((1 − β/P)/C)``, so
   the rate climbs back to ``W`` in ``K`` seconds, stays near it, then probes above it
   ever faster (CUBIC, as the AWS SDKs' adaptive retry mode, with ``C`` relative to ``W``
-  so the shape does not depend on the rate's scale). In slow start (nothing measured):
-  ``r(t) = r₀·2^(t / DOUBLING)`` until the next 429 measures it.
+  so the shape does not depend on the rate's scale). In slow start (nothing measured)
+  the rate grows with what the server accepts, not with time (as TCP's window grows per
+  acknowledgement): ``r = r₀ + n·ln 2 / DOUBLING`` after ``n`` accepted responses, which
+  doubles the rate every ``DOUBLING`` seconds while callers send at it and stands still
+  while they do not (a gap between calls is no evidence), until the next 429 measures it.
 - bounds: ``MIN_RATE ≤ r ≤ ceiling`` (a :class:`~resilient.Throttle`'s rate caps it).
 
 Invariants (property-tested): ``r`` is never above the ceiling nor below ``MIN_RATE``;
-after a measured cut ``r(0) = β·m``; ``r`` is non-decreasing in ``t`` between cuts;
+after a measured cut ``r(0) = β·m``; ``r`` is non-decreasing in ``t`` and in ``n``
+between cuts;
 ``r(K) = W = P·m``.
 """
 
@@ -43,14 +47,16 @@ __all__ = [
     "LearnedRate",
 ]
 
-BETA = 0.85
+BETA = 0.9
 """Multiplicative cut: after a 429 the key sends at ``BETA`` × the accepted rate."""
-CUBIC_C = 0.0007
-"""CUBIC's scale (per s³, relative to ``W``): ``K = ∛((1 − BETA/PLATEAU)/C)`` ≈ 5.2 s.
+CUBIC_C = 0.0001
+"""CUBIC's scale (per s³, relative to ``W``): ``K = ∛((1 − BETA/PLATEAU)/C)`` ≈ 9.3 s.
 Small on purpose: every 429 costs a whole pause, so the rate probes above its plateau
 slowly (tuned on a leaky bucket with ``Retry-After: 1``; see the ``unknown`` benchmark)."""
 DOUBLING = 0.25
-"""Seconds per doubling of the rate in slow start."""
+"""Seconds per doubling of the rate in slow start, while callers send at it."""
+_SLOW_GAIN = math.log(2.0) / DOUBLING
+"""Requests per second added per accepted response in slow start."""
 SPAN = 1.0
 """Seconds of sending over which the accepted rate is measured."""
 MIN_SPAN = 0.25
@@ -62,7 +68,7 @@ SLOW_START_MIN = 1.0
 anything was measured)."""
 _BUCKETS = 4
 _WIDTH = SPAN / _BUCKETS
-PLATEAU = 0.94
+PLATEAU = 0.98
 """CUBIC's plateau ``W`` is ``PLATEAU`` × the accepted rate (just below it)."""
 _K = ((1.0 - BETA / PLATEAU) / CUBIC_C) ** (1.0 / 3.0)
 """``K``: seconds the climb takes back to the plateau."""
@@ -76,6 +82,7 @@ class LearnedRate:
         "_counts",
         "accepted_rate",
         "ceiling",
+        "count",
         "cuts",
         "peak",
         "since",
@@ -96,6 +103,8 @@ class LearnedRate:
         """Loop time sending (re)started: the origin of ``t`` and of the measurement."""
         self.cuts = 0
         """Cuts so far: a request remembers it at send time (see :meth:`counts`)."""
+        self.count = 0
+        """Responses accepted since :attr:`since` (slow start grows with it)."""
         self._counts = [0] * _BUCKETS
         self._bucket = 0
 
@@ -108,13 +117,11 @@ class LearnedRate:
         start = self.start
         if start is None:
             return math.inf
-        t = now - self.since
-        if t < 0.0:
-            t = 0.0
         if self.slow:
-            grown = start * 2.0 ** min(t / DOUBLING, 64.0)
+            grown = start + self.count * _SLOW_GAIN
         else:
-            x = t - _K
+            t = now - self.since
+            x = (t if t > 0.0 else 0.0) - _K
             grown = self.peak * (1.0 + CUBIC_C * x * x * x)
         if grown < MIN_RATE:
             grown = MIN_RATE
@@ -127,6 +134,7 @@ class LearnedRate:
             index = 0
         self._roll(index)
         self._counts[index % _BUCKETS] += 1
+        self.count += 1
 
     def measured(self, now: float) -> float | None:
         """``m``: accepted per second over the last :data:`SPAN` of sending, or None."""
@@ -166,6 +174,7 @@ class LearnedRate:
         """Sending (re)starts at ``now`` (a cut, or the end of a pause): the law's clock
         and the measurement start over."""
         self.since = now
+        self.count = 0
         self._counts = [0] * _BUCKETS
         self._bucket = 0
 

@@ -138,8 +138,9 @@ class PauseGate:
         learned = self.learned
         rate = math.inf if learned is None else learned.rate(now)
         if self.spread_until:
-            if now >= self.spread_until:  # the advertised window has reset
+            if now >= self.spread_until:  # the advertised reset: one probe reads the rest
                 self.spread, self.spread_until = math.inf, 0.0
+                self._probe_first(now)
             elif self.spread < rate:
                 rate = self.spread
         return rate
@@ -215,15 +216,25 @@ class PauseGate:
         self._wake_all()
         return self.until - now
 
+    def _probe_first(self, now: float) -> None:
+        """An advertised reset has come: close the gate for a zero-length pause, so one
+        probe goes first and its answer tells how much the reset freed (all of a fixed
+        window, one slot of a moving one), instead of every waiter going at once."""
+        if not self.closed:
+            self.closed = True
+            self.until = now
+
     def open(self) -> None:
-        """The probe's answer was not a 429: every waiter may go (through
-        :meth:`depart`, so a paced key releases them one by one); the streak ends."""
+        """The probe's answer was not a 429 (the first accepted response sending resumes
+        with): every waiter may go (through :meth:`depart`, so a paced key releases them
+        one by one); the streak ends."""
         self.closed = False
         self.probing = False
         self.streak = 0
         now = _clock.now()
         if self.learned is not None:
             self.learned.resume(now)
+            self.learned.accepted(now)  # the probe's answer
         self.next_slot = now + 1.0 / self.rate(now)  # the probe just left
         self._wake_all()
 

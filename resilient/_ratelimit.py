@@ -432,14 +432,13 @@ class RateLimitBackoff(Policy):
             gate.flying -= 1
         if resp.status == 429:
             return resp, cuts
-        now = _clock.now()
         gate.streak = 0
-        if learned is not None:
-            learned.accepted(now)
         if probe:
-            gate.open()
+            gate.open()  # sending resumes; the probe's answer is the first it counts
             if self._shared is not None:
                 await self._shared.open(key)
+        elif learned is not None:
+            learned.accepted(_clock.now())
         self._heed(key, resp)
         return resp, cuts
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from resilient._learned import (
     BETA,
+    DOUBLING,
     MIN_RATE,
     MIN_SPAN,
     PLATEAU,
@@ -58,7 +59,27 @@ def test_a_first_429_after_an_unmeasured_burst_starts_slow_start_at_least_one_pe
     assert rate.paced
     assert rate.slow
     assert rate.rate(0.001) == pytest.approx(SLOW_START_MIN)
-    assert rate.rate(0.001 + 1.0) == pytest.approx(16 * SLOW_START_MIN)  # 4 doublings
+
+
+def test_slow_start_grows_with_accepted_responses_not_with_time():
+    rate = LearnedRate(0.0)
+    rate.cut(0.0)
+    assert rate.rate(30.0) == pytest.approx(SLOW_START_MIN)  # idle: no evidence, no growth
+    for i in range(10):
+        rate.accepted(30.0 + i * 0.01)
+    assert rate.rate(30.1) == pytest.approx(SLOW_START_MIN + 10 * math.log(2) / DOUBLING)
+
+
+def test_slow_start_doubles_every_doubling_period_while_callers_send_at_it():
+    rate, now = LearnedRate(0.0), 0.0
+    rate.cut(now)
+    rate.accepted(now)  # the probe's answer
+    start = rate.rate(now)
+    while now < 2.0:  # one departure per 1/r, each accepted
+        now += 1.0 / rate.rate(now)
+        rate.accepted(now)
+    doublings = math.log2(rate.rate(now) / start)
+    assert 0.5 * now / DOUBLING <= doublings <= now / DOUBLING * 1.1
 
 
 def test_a_measured_cut_starts_at_beta_times_the_accepted_rate():
