@@ -24,7 +24,9 @@ def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
     Order: auth -> Retry -> CircuitBreaker -> RateLimitBackoff -> Throttle ->
     fault injection, then any other middlewares in the order given (innermost,
     so they run on every wire attempt). Two policies of one kind are rejected. With a
-    RateLimitBackoff and a Throttle, the Throttle's rate caps the key's learned rate.
+    RateLimitBackoff and a Throttle, the key has one learned rate: the backoff's, capped
+    by the Throttle's rate (an adaptive Throttle keyed alike reads it, see
+    :meth:`Throttle.follow`).
     """
     seen: dict[str, Policy] = {}
     ours: list[Policy] = []
@@ -44,8 +46,9 @@ def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
             raise TypeError(f"chain: {policy!r} is not a middleware (not callable)")
     ours.sort(key=lambda p: p.order)
     backoff, throttle = seen.get("rate_limit_backoff"), seen.get("throttle")
-    if backoff is not None and throttle is not None:  # the Throttle's rate caps the learned one
+    if backoff is not None and throttle is not None:  # one learned rate per key, capped
         backoff.cap_rate(throttle.rate)  # type: ignore[attr-defined]
+        throttle.follow(backoff.rate, backoff.key)  # type: ignore[attr-defined]
     return (*ours, *others)
 
 

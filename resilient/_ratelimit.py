@@ -178,6 +178,11 @@ class RateLimitBackoff(Policy):
     def proactive(self) -> bool:
         return self._proactive
 
+    @property
+    def key(self) -> KeyFunc:
+        """The key function (request -> key)."""
+        return self._key
+
     def cap_rate(self, rate: float) -> None:
         """Never pace a key faster than ``rate`` (a :class:`~resilient.Throttle` in the
         same chain caps the learned rate with its own: :func:`resilient.chain` calls this)."""

@@ -17,8 +17,12 @@ in-flight request of the key ends (then it looks again).
 
 A wait that would end past what the caller may wait (:func:`resilient.deadline`,
 aiohttp's ``ClientTimeout.total``) is not started: :class:`~resilient.DeadlineExceeded`.
-``adaptive=True`` lowers a key's rate on 429s and restores it on successes
-(AIMD, see :mod:`resilient._adaptive`).
+``adaptive=True`` steers a key's rate by its 429s with the learned-rate law of
+:mod:`resilient._learned` (cut to ``BETA`` × the rate the server accepted, then a CUBIC
+climb back), capped by ``rate`` and floored by ``min_rate``. In a :func:`resilient.chain`
+with a :class:`~resilient.RateLimitBackoff` keyed alike, the key has one estimate: the
+backoff learns and paces, capped by this ``rate``, and :meth:`Throttle.current_rate`
+reads it.
 """
 
 from __future__ import annotations
@@ -26,16 +30,17 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from . import _clock, _events, _metrics
-from ._adaptive import DEFAULT_MIN_RATE_DIVISOR, decreased, increased
 from ._bucket import TokenBucket
 from ._deadline import allowance, mark_start
 from ._errors import DeadlineExceeded
 from ._keys import KeyFunc, by_host
+from ._learned import LearnedRate
 from ._log import log_wait
 from ._policy import Policy
 from ._quota import MEMORY_STORAGE, Quotas
@@ -43,7 +48,7 @@ from ._state import DEFAULT_MAX_KEYS, KeyedState
 from ._stats import ThrottleStats
 from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
 
-__all__ = ["DEFAULT_BURST", "DEFAULT_STORAGE", "MAX_RATE", "Throttle"]
+__all__ = ["DEFAULT_BURST", "DEFAULT_MIN_RATE_DIVISOR", "DEFAULT_STORAGE", "MAX_RATE", "Throttle"]
 
 DEFAULT_BURST = 1
 """Tokens a key may spend at once (1: requests are evenly spaced)."""
@@ -51,6 +56,8 @@ DEFAULT_STORAGE = MEMORY_STORAGE
 """Where quota windows live: in this process."""
 MAX_RATE = 1e9
 """Largest accepted ``rate`` (tokens per second)."""
+DEFAULT_MIN_RATE_DIVISOR = 20
+"""Default floor of the adaptive rate: the configured rate / 20."""
 
 _KIND = "throttle"
 THROTTLED_EVENT_MIN = 0.001
@@ -58,17 +65,26 @@ THROTTLED_EVENT_MIN = 0.001
 
 
 class _Key(TokenBucket):
-    """One key's bucket, its queue of waiters (the head first), its count of rate cuts,
+    """One key's bucket, its queue of waiters (the head first), its learned rate (adaptive),
     and, with quotas, its requests in flight and the head's wake-up call for when one ends."""
 
-    __slots__ = ("cuts", "flying", "landed", "waiters")
+    __slots__ = ("flying", "landed", "learned", "waiters")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         super().__init__(rate, burst, now)
         self.waiters: deque[asyncio.Future[None]] = deque()
-        self.cuts = 0
+        self.learned: LearnedRate | None = None
         self.flying = 0
         self.landed: asyncio.Future[None] | None = None
+
+    def steer(self, now: float, floor: float) -> None:
+        """Refill at the old rate up to ``now``, then take the learned rate (at least
+        ``floor``; the learned rate's ceiling is the configured rate)."""
+        learned = self.learned
+        if learned is not None and learned.paced:
+            self.refill(now)
+            rate = learned.rate(now)
+            self.rate = rate if rate > floor else floor
 
 
 def _leave(state: _Key, fut: asyncio.Future[None]) -> None:
@@ -104,8 +120,9 @@ class Throttle(Policy):
     ``storage``: where quota windows live, ``"memory://"`` or a Redis URI (shared by
     every process: see :mod:`resilient.storage`); the token bucket is per process.
     ``on_storage_error``: ``"raise"`` (StorageError) or ``"allow"`` (local windows).
-    ``adaptive``: cut the rate on 429s, restore it on successes; ``min_rate``: its
-    floor, in (0, rate] (default ``rate / 20``). ``max_keys``: keys remembered at once.
+    ``adaptive``: steer the rate by 429s (the learned-rate law, see the module
+    docstring); ``min_rate``: its floor, in (0, rate] (default ``rate / 20``).
+    ``max_keys``: keys remembered at once.
     """
 
     kind: ClassVar[str] = _KIND
@@ -114,6 +131,7 @@ class Throttle(Policy):
     __slots__ = (
         "_adaptive",
         "_burst",
+        "_follows",
         "_get",
         "_key",
         "_min_rate",
@@ -143,6 +161,7 @@ class Throttle(Policy):
         if not isinstance(adaptive, bool):
             raise ValueError(f"Throttle: adaptive must be True or False, got {adaptive!r}")
         self._adaptive = adaptive
+        self._follows: Callable[[str], float | None] | None = None
         if not callable(key):
             raise ValueError(
                 f"Throttle: key must be a callable (request) -> str, got {type(key).__name__}"
@@ -159,13 +178,23 @@ class Throttle(Policy):
         self._get = self._states.get
 
     def _idle(self, state: _Key) -> bool:
-        """Nothing to remember: no waiters, none in flight, a full bucket, the configured rate."""
+        """Nothing to remember: no waiters, none in flight, a full bucket, the configured
+        rate (a learned rate below it is remembered)."""
+        now = _clock.now()
+        learned = state.learned
         return (
             not state.waiters
             and not state.flying
-            and state.rate >= self._rate
-            and state.full(_clock.now())
+            and (learned is None or learned.rate(now) >= self._rate)
+            and state.full(now)
         )
+
+    def follow(self, learned_rate: Callable[[str], float | None], key: KeyFunc) -> None:
+        """Read ``learned_rate(key)`` (a :class:`~resilient.RateLimitBackoff`'s, which
+        learns and paces) instead of learning here, when ``key`` is this Throttle's key
+        function: one estimate per key. :func:`resilient.chain` calls this."""
+        if key is self._key:
+            self._follows = learned_rate
 
     @property
     def rate(self) -> float:
@@ -177,8 +206,14 @@ class Throttle(Policy):
 
     def current_rate(self, key: str) -> float:
         """``key``'s rate now (below ``rate`` after 429s when adaptive)."""
+        if self._follows is not None and self._adaptive:
+            learned = self._follows(key)
+            return self._rate if learned is None else min(self._rate, learned)
         state = self._states.get(key)
-        return self._rate if state is None else state.rate
+        if state is None:
+            return self._rate
+        state.steer(_clock.now(), self._min_rate)
+        return state.rate
 
     def waiting(self, key: str) -> int:
         """Callers queued for ``key``'s next tokens."""
@@ -206,6 +241,8 @@ class Throttle(Policy):
         state = self._get(key) or self._states.get_or_create(key)
         now = _clock.now_for(request)
         mark_start(request, now)  # the call's start, unless an outer policy marked it
+        if state.learned is not None:
+            state.steer(now, self._min_rate)
         quotas = self._quotas
         if (
             state.waiters
@@ -215,11 +252,12 @@ class Throttle(Policy):
             await self._wait(request, key, state, now)
         if quotas is not None:
             return await self._counted(request, handler, key, state, quotas)
-        if not self._adaptive:
+        if not self._adaptive or self._follows is not None:
             return await handler(request)
-        cuts = state.cuts
+        learned = state.learned or self._learn(state)
+        cuts = learned.cuts
         resp = await handler(request)
-        self._adapt(state, cuts, resp.status)
+        self._adapt(state, learned, cuts, resp.status)
         return resp
 
     async def _counted(
@@ -234,10 +272,12 @@ class Throttle(Policy):
         it may have reached the server), take its slot in every window, then let the
         head of the queue look again."""
         try:
-            cuts = state.cuts
+            if not self._adaptive or self._follows is not None:
+                return await handler(request)
+            learned = state.learned or self._learn(state)
+            cuts = learned.cuts
             resp = await handler(request)
-            if self._adaptive:
-                self._adapt(state, cuts, resp.status)
+            self._adapt(state, learned, cuts, resp.status)
             return resp
         finally:
             try:
@@ -245,14 +285,21 @@ class Throttle(Policy):
             finally:
                 _land(state)
 
-    def _adapt(self, state: _Key, cuts: int, status: int) -> None:
-        """AIMD: a 429 cuts the rate (once per round of in-flight requests), others add."""
-        if status == 429:
-            if cuts == state.cuts:
-                state.rate = decreased(state.rate, self._min_rate)
-                state.cuts += 1
-        elif state.rate < self._rate:
-            state.rate = increased(state.rate, self._rate)
+    def _learn(self, state: _Key) -> LearnedRate:
+        """The key's learned rate, measuring from its first request on (so its first 429
+        finds a measured rate to cut from); the configured rate is its ceiling."""
+        learned = state.learned = LearnedRate(_clock.now(), self._rate)
+        return learned
+
+    def _adapt(self, state: _Key, learned: LearnedRate, cuts: int, status: int) -> None:
+        """A 429 cuts the rate (once per round: one sent after ``cuts`` cuts); any other
+        answer counts as accepted. The bucket then runs at the learned rate."""
+        now = _clock.now()
+        if status != 429:
+            learned.accepted(now)
+        elif learned.counts(cuts):
+            learned.cut(now)
+        state.steer(now, self._min_rate)
 
     async def _wait(self, request: ClientRequest, key: str, state: _Key, started: float) -> None:
         """The slow path: queue behind the waiters of ``key`` and leave with a token.

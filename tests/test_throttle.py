@@ -107,14 +107,15 @@ async def test_a_newcomer_queues_behind_waiters_that_arrived_before_it(server, c
 @pytest.mark.looptime
 async def test_a_newcomer_does_not_overtake_a_waiter_even_when_a_token_is_there(server, client):
     # An adaptive key whose rate recovers while a waiter sleeps: a token comes due early.
-    throttle = Throttle(1.0, burst=30, adaptive=True)
-    server.script("/x", 429, *[slow(1.0, 200)] * 29)  # rate 0.5 at once, back to 1.0 at 1
+    throttle = Throttle(10.0, burst=30, adaptive=True, min_rate=0.1)
+    # the 429 starts a slow start at 1/s at once; the 29 answers at 0.5 raise it to 10/s
+    server.script("/x", 429, *[slow(0.5, 200)] * 29)
     sent = [asyncio.create_task(get(client, server.url + "/x", throttle)) for _ in range(30)]
     await asyncio.sleep(0.1)
-    assert throttle.current_rate(server.url) == 0.5
-    waiter = asyncio.create_task(get(client, server.url + "/waiter", throttle))  # sleeps to 2
-    await asyncio.sleep(1.4)
-    assert throttle.current_rate(server.url) == 1.0  # a token has been there since 1.1
+    assert throttle.current_rate(server.url) == 1.0
+    waiter = asyncio.create_task(get(client, server.url + "/waiter", throttle))  # sleeps to 1
+    await asyncio.sleep(0.5)
+    assert throttle.current_rate(server.url) == 10.0  # a token has been there since 0.55
     newcomer = asyncio.create_task(get(client, server.url + "/newcomer", throttle))
     await asyncio.gather(*sent, waiter, newcomer)
     assert [a.path for a in server.arrivals][-2:] == ["/waiter", "/newcomer"]
@@ -272,16 +273,19 @@ async def test_a_queue_position_beyond_the_deadline_raises_at_once(server, clien
 
 @pytest.mark.looptime
 async def test_a_queued_waiter_gives_up_at_its_deadline_when_the_queue_slows(server, client):
-    throttle = Throttle(1.0, adaptive=True)
-    server.script("/first", slow(0.5, 429))  # halves the rate at 0.5, after the others queued
-    first = asyncio.create_task(get(client, server.url + "/first", throttle))
-    await asyncio.sleep(0.1)
-    queued = [asyncio.create_task(get(client, server.url + "/q", throttle)) for _ in range(3)]
-    await started()  # due at 1, 2, 3; after the cut at 1.9, 3.9, 5.9
+    throttle = Throttle(10.0, adaptive=True)
+    for _ in range(20):  # 0.0 .. 1.9: the server accepts 10/s; the next token is due at 2.0
+        assert await get(client, server.url + "/warm", throttle) == 200
     loop = asyncio.get_running_loop()
-    with resilient.deadline(3.95), pytest.raises(DeadlineExceeded):  # due at 4 when it queues
+    server.script("/first", slow(0.05, 429))  # cuts the rate at 2.05, after the others queued
+    first = asyncio.create_task(get(client, server.url + "/first", throttle))  # leaves at 2.0
+    await asyncio.sleep(0.01)
+    queued = [asyncio.create_task(get(client, server.url + "/q", throttle)) for _ in range(30)]
+    await started()  # due at 2.1 .. 5.0; the late one at 5.1, within its deadline (5.16)
+    entered = loop.time()
+    with resilient.deadline(3.25), pytest.raises(DeadlineExceeded):  # after the cut: ~5.7
         await get(client, server.url + "/late", throttle)
-    assert loop.time() == pytest.approx(0.1 + 3.95, abs=TICK)  # not at 5.9, when it is head
+    assert loop.time() == pytest.approx(entered + 3.25, abs=TICK)  # not later, when it is head
     await asyncio.gather(first, *queued)
     assert server.count("/late") == 0
 
