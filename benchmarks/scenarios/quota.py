@@ -5,8 +5,11 @@
 is configured to the same quota the way the README configures Sage's (rate = quota/window,
 a small burst, and the quota as a limits moving window). All callers start at once.
 
-Achieved rate / quota = (successes / time to finish) / (200 per window); ideal time is
-the fastest schedule the moving window allows: (ceil(n/200) − 1) windows.
+Achieved rate / quota = (successes / time to finish) / (200 per window), the time counted
+from the first request's arrival at the server to the last response: the ~0.1 s before
+that first arrival is aiohttp building 1,000 requests in one loop (raw aiohttp pays it too,
+no policy can spend the quota in it), and it is reported on its own ("first arrival").
+Ideal time is the fastest schedule the moving window allows: (ceil(n/200) − 1) windows.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         outcomes, arrivals, t0 = run_real(_one(spec.factory, n), LIMIT)
         ok = sum(o.ok for o in outcomes)
         elapsed = max(o.end for o in outcomes) - t0
-        rate = ok / elapsed / (QUOTA / WINDOW) if elapsed > 0 else math.nan
+        first = arrivals[0][0] if arrivals else 0.0
+        serving = elapsed - first
+        rate = ok / serving / (QUOTA / WINDOW) if serving > 0 else math.nan
         rows.append(
             {
                 "client": spec.label,
@@ -74,6 +79,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
                 "429s received": sum(status == 429 for _, status in arrivals),
                 "server requests": len(arrivals),
                 "time s": elapsed,
+                "first arrival s": first,
                 "ideal s": ideal,
                 "rate / quota": rate if ok == n else None,
                 "max in any window": _max_in_window(arrivals),
@@ -103,7 +109,8 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         ],
         notes=[
             "rate / quota is shown only for clients that completed every request; the others "
-            "gave up on 429s (see ok / failed).",
+            "gave up on 429s (see ok / failed). It counts from the first arrival at the server "
+            "(first arrival s: aiohttp building the requests, the same for every client).",
             "max in any window: most requests the server saw in any window of "
             f"{WINDOW:g} s (the quota is {QUOTA}; 429s count too).",
             *skew,
