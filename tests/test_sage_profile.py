@@ -280,3 +280,31 @@ async def test_a_paused_business_does_not_delay_another_business():
         paused_done = await paused
     assert other_done - started < 1.0
     assert paused_done - started >= 60.0
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(30)
+async def test_each_business_learns_its_own_rate_and_the_throttle_reads_it():
+    """A server that accepts 1 call/s per business (below Sage's published 200/60): the
+    business that earns 429s is paced at a learned rate, capped by the Throttle's 200/60,
+    which the Throttle reports; the other business is not paced at all."""
+    policies = sage.policies()
+    backoff = next(p for p in policies if isinstance(p, resilient.RateLimitBackoff))
+    throttle = next(p for p in policies if isinstance(p, resilient.Throttle))
+    async with SimulatedAPI(quota=None, limiter=("leaky", 1.0, 1)) as api:
+        key_a, key_b = f"{api.url} business=biz-a", f"{api.url} business=biz-b"
+        async with resilient.session(*policies, base_url=api.url + "/") as s:
+
+            async def get(business: str) -> None:
+                async with s.get("contacts", headers={"X-Business": business}) as resp:
+                    assert resp.status == 200
+
+            await asyncio.gather(*(get("biz-a") for _ in range(12)))
+            await get("biz-b")
+            learned = backoff.rate(key_a)
+            assert learned is not None
+            assert learned <= 200 / 60
+            assert throttle.current_rate(key_a) == pytest.approx(learned)
+            assert backoff.rate(key_b) is None
+            assert throttle.current_rate(key_b) == pytest.approx(200 / 60)
+    assert api.count("/contacts", status=429) >= 1
