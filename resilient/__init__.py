@@ -30,7 +30,7 @@ from ._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
 from ._stats import CircuitStats, PauseStats, RetryStats, ThrottleStats
 from ._throttle import Throttle
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -309,7 +309,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
     if binary is None:
         return _not_run("redis-server not found on PATH or in /usr/bin, /usr/sbin")
     if importlib.util.find_spec("redis") is None:
-        return _not_run("redis-py not installed (pip install 'resilient[redis]')")
+        return _not_run("redis-py not installed (pip install 'aiohttp-resilient[redis]')")
     server = RedisServer(binary)
     server.start()
     try:

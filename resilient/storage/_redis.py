@@ -156,7 +156,9 @@ def _limits_storage(uri: str) -> Any:
         import redis.asyncio.retry
         import redis.backoff
     except ImportError:  # pragma: no cover - the redis extra is installed in tests
-        raise ImportError("shared storage needs redis-py: pip install 'resilient[redis]'") from None
+        raise ImportError(
+            "shared storage needs redis-py: pip install 'aiohttp-resilient[redis]'"
+        ) from None
     from limits.storage import storage_from_string
 
     once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)  # a stale pooled socket
