@@ -1,37 +1,80 @@
-"""OpenTelemetry metrics: :func:`instrument_opentelemetry`.
+"""OpenTelemetry: :func:`instrument_opentelemetry`, by the HTTP semantic conventions.
 
-``opentelemetry-api`` is an optional dependency (``pip install 'resilient[otel]'``),
-imported only when this function is called. Instruments (attributes: ``key``,
-``policy``, and ``status`` where one is known):
+``opentelemetry-api`` is an optional dependency (``pip install 'aiohttp-resilient[otel]'``),
+imported only when this function is called.
+
+**Spans.** One ``CLIENT`` span per request that reaches the wire (each retry, each re-send
+after a 429 pause or a token refresh, each hedge), a child of the caller's current span,
+named for the method (``GET``; ``HTTP`` for a method outside the conventions' list).
+Attributes: ``http.request.method`` (``_OTHER`` plus ``http.request.method_original``
+for other methods), ``server.address``, ``server.port``, ``url.full`` (user:password
+replaced by ``REDACTED:REDACTED``, every query value by ``REDACTED``, no fragment),
+``http.response.status_code``, ``http.request.resend_count`` (from the second request
+of the call on, redirects included) and ``error.type`` (the status code for 4xx/5xx,
+else the exception's class name); the span's status is ``ERROR`` with ``error.type``.
+No header, body or exception message is ever recorded. A call that sends nothing (an
+open circuit, a wait beyond the deadline) has no span; its events do (below). The spans
+are recorded when an attempt ends, with its start time; trace context is not injected
+into the request (``opentelemetry-instrumentation-aiohttp-client`` does that, for the
+call as a whole, and its span is then the parent of ours).
+
+**Span events.** Every :class:`resilient.Event` is added to the caller's current span
+(if it records) as the event ``resilient.<kind>`` with ``resilient.policy``,
+``resilient.key``, ``resilient.attempt``, ``resilient.delay`` (s),
+``resilient.reason`` and ``http.response.status_code`` when known.
+
+**Metrics.** ``http.client.request.duration`` (histogram, s): one point per request on
+the wire, with ``http.request.method``, ``server.address``, ``server.port``,
+``http.response.status_code`` and ``error.type``. Then ``resilient``'s own instruments,
+each with ``resilient.policy``, ``resilient.key`` and, within a call, the
+``http.request.method``, ``server.address`` and ``server.port`` of its request; the
+outcome as ``http.response.status_code`` and/or ``error.type`` (as above):
 
 - ``resilient.requests`` (counter): calls, counted once each by the outermost
-  ``resilient`` policy (``policy`` names it; retries are not new calls), ``status`` =
-  the HTTP status returned or the exception's class name.
-- ``resilient.retries`` (counter): retries scheduled (``status``: the status or the
-  network error that caused it).
+  ``resilient`` policy (retries are not new calls), by final outcome.
+- ``resilient.retries`` (counter): retries scheduled, by the outcome that caused them.
 - ``resilient.rate_limited`` (counter): 429 pauses started.
-- ``resilient.circuit.transitions`` (counter): with ``state`` = ``open``,
-  ``half_open`` or ``closed``.
-- ``resilient.wait.duration`` (histogram, seconds): every wait, as waited.
+- ``resilient.circuit.transitions`` (counter): with ``resilient.circuit.state`` =
+  ``open``, ``half_open`` or ``closed``.
+- ``resilient.wait.duration`` (histogram, s): every wait, as waited.
 - ``resilient.waiting`` (up-down counter): callers waiting now.
+
+The attributes of 0.1.0, ``key``, ``policy``, ``status`` (the status, or the exception's
+class name) and ``state``, are still recorded alongside: deprecated, to be removed in
+0.3.0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+from aiohttp import ClientRequest, ClientResponse
+from yarl import URL
 
 from . import _events, _metrics
 from ._events import Event
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.metrics import Meter, MeterProvider
-    from opentelemetry.util.types import Attributes
+    from opentelemetry.trace import Tracer, TracerProvider
 
-__all__ = ["INSTRUMENTATION_NAME", "instrument_opentelemetry"]
+__all__ = ["INSTRUMENTATION_NAME", "instrument_opentelemetry", "url_full"]
 
 INSTRUMENTATION_NAME = "resilient"
-"""The OpenTelemetry meter name (instrumentation scope)."""
+"""The OpenTelemetry meter and tracer name (instrumentation scope)."""
+
+REDACTED = "REDACTED"
+"""What replaces user:password and every query value in ``url.full``."""
+
+KNOWN_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
+"""Methods the HTTP conventions name; any other is ``_OTHER``."""
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+"""The conventions' advice for ``http.client.request.duration`` (seconds)."""
 
 _TRANSITIONS = {
     "circuit_opened": "open",
@@ -39,15 +82,71 @@ _TRANSITIONS = {
     "circuit_closed": "closed",
 }
 
+_CACHE = "_resilient_otel"
+"""Where a request keeps its conventions' attributes (computed once per request)."""
+
+Attrs = dict[str, Any]
+
+
+def url_full(url: URL) -> str:
+    """``url`` for ``url.full``: credentials and every query value ``REDACTED``, no
+    fragment (the conventions' rule, applied to every query parameter: a token or a
+    signature may hide under any name)."""
+    url = url.with_fragment(None)
+    if url.raw_user is not None or url.raw_password is not None:
+        url = url.with_user(REDACTED).with_password(REDACTED)
+    if url.raw_query_string:
+        url = url.with_query([(name, REDACTED) for name in url.query])
+    return str(url)
+
+
+def _request_attributes(request: ClientRequest) -> Attrs:
+    """``http.request.method``, ``server.address``, ``server.port`` of ``request``."""
+    cache = vars(request)
+    attrs: Attrs | None = cache.get(_CACHE)
+    if attrs is None:
+        method, url = request.method, request.url
+        attrs = {"http.request.method": method if method in KNOWN_METHODS else "_OTHER"}
+        if url.host is not None:
+            attrs["server.address"] = url.host
+        if url.port is not None:
+            attrs["server.port"] = url.port
+        cache[_CACHE] = attrs
+    return attrs
+
+
+def _outcome(attrs: Attrs, outcome: int | BaseException | None) -> Attrs:
+    """``attrs`` plus the conventions' outcome: ``http.response.status_code`` and
+    ``error.type`` (the status code from 400 on, or the exception's class name)."""
+    if isinstance(outcome, BaseException):
+        attrs["error.type"] = type(outcome).__qualname__
+    elif outcome is not None:
+        attrs["http.response.status_code"] = outcome
+        if outcome >= 400:
+            attrs["error.type"] = str(outcome)
+    return attrs
+
+
+def _legacy_status(outcome: int | BaseException) -> int | str:
+    return type(outcome).__name__ if isinstance(outcome, BaseException) else outcome
+
 
 class _Recorder:
-    """The OpenTelemetry backend of :mod:`resilient._metrics` plus an event hook."""
+    """The OpenTelemetry backend of :mod:`resilient._metrics`, plus an event hook."""
 
-    def __init__(self, meter: Meter, provider: object) -> None:
-        self.provider = provider
+    def __init__(self, meter: Meter, tracer: Tracer, providers: tuple[object, object]) -> None:
+        self.providers = providers
         self.remove_hook: Callable[[], None] = _noop
+        self._tracer = tracer
+        self._duration = _histogram(
+            meter,
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of HTTP client requests (each request on the wire).",
+            buckets=DURATION_BUCKETS,
+        )
         self._requests = meter.create_counter(
-            "resilient.requests", unit="{request}", description="Calls, by final status"
+            "resilient.requests", unit="{request}", description="Calls, by final outcome"
         )
         self._retries = meter.create_counter(
             "resilient.retries", unit="{retry}", description="Retries scheduled"
@@ -60,39 +159,143 @@ class _Recorder:
             unit="{transition}",
             description="Circuit breaker state changes",
         )
-        self._wait = meter.create_histogram(
-            "resilient.wait.duration", unit="s", description="Seconds each wait lasted"
+        self._wait = _histogram(
+            meter, "resilient.wait.duration", unit="s", description="Seconds each wait lasted"
         )
         self._waiting = meter.create_up_down_counter(
             "resilient.waiting", unit="{caller}", description="Callers waiting now"
         )
 
-    def request(self, policy: str, key: str, status: int | str) -> None:
-        self._requests.add(1, {"key": key, "policy": policy, "status": status})
+    # -- calls and waits (resilient._metrics.Recorder) ----------------------------------
+
+    def request(
+        self, policy: str, key: str, request: ClientRequest, status: int | BaseException
+    ) -> None:
+        attrs = _policy_attributes(policy, key, _request_attributes(request))
+        attrs["status"] = _legacy_status(status)
+        self._requests.add(1, _outcome(attrs, status))
 
     def wait_started(self, policy: str, key: str) -> None:
-        self._waiting.add(1, {"key": key, "policy": policy})
+        self._waiting.add(1, _policy_attributes(policy, key, _call_attributes()))
 
     def wait_ended(self, policy: str, key: str, status: int | None, seconds: float) -> None:
-        self._waiting.add(-1, {"key": key, "policy": policy})
-        self._wait.record(max(seconds, 0.0), _attributes(key, policy, status))
+        attrs = _policy_attributes(policy, key, _call_attributes())
+        self._waiting.add(-1, attrs)
+        if status is not None:
+            attrs = _outcome({**attrs, "status": status}, status)
+        self._wait.record(max(seconds, 0.0), attrs)
+
+    # -- requests on the wire -----------------------------------------------------------
+
+    def attempt_started(self) -> Context:
+        from opentelemetry import context
+
+        return context.get_current()  # the caller's: its span is the parent
+
+    def attempt_ended(
+        self,
+        request: ClientRequest,
+        started: object,
+        start: float,
+        seconds: float,
+        resends: int,
+        outcome: ClientResponse | BaseException,
+    ) -> None:
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        parent = cast("Context", started)  # what attempt_started returned
+        seconds = max(seconds, 0.0)
+        start_ns = int(start * 1e9)
+        result = outcome if isinstance(outcome, BaseException) else outcome.status
+        metric = _outcome(dict(_request_attributes(request)), result)
+        self._duration.record(seconds, metric)
+        attrs = dict(metric)
+        method = request.method
+        if attrs["http.request.method"] == "_OTHER":
+            attrs["http.request.method_original"] = method
+        attrs["url.full"] = url_full(request.url)
+        if resends:
+            attrs["http.request.resend_count"] = resends
+        span = self._tracer.start_span(
+            method if method in KNOWN_METHODS else "HTTP",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            attributes=attrs,
+            start_time=start_ns,
+        )
+        if "error.type" in attrs:
+            span.set_status(Status(StatusCode.ERROR))
+        span.end(end_time=start_ns + int(seconds * 1e9))
+
+    # -- events -------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
         kind = event.kind
         if kind == "retry_scheduled":
-            status = event.status if event.status is not None else event.reason
-            self._retries.add(1, _attributes(event.key, event.policy, status))
+            cause: int | str = event.status if event.status is not None else event.reason
+            attrs = _policy_attributes(event.policy, event.key, _call_attributes())
+            attrs["status"] = cause
+            if isinstance(cause, int):
+                _outcome(attrs, cause)
+            elif cause:
+                attrs["error.type"] = cause
+            self._retries.add(1, attrs)
         elif kind == "rate_limited":
-            self._rate_limited.add(1, _attributes(event.key, event.policy, event.status))
+            attrs = _policy_attributes(event.policy, event.key, _call_attributes())
+            if event.status is not None:
+                attrs["status"] = event.status
+                _outcome(attrs, event.status)
+            self._rate_limited.add(1, attrs)
         elif kind in _TRANSITIONS:
-            attrs = {"key": event.key, "policy": event.policy, "state": _TRANSITIONS[kind]}
+            attrs = _policy_attributes(event.policy, event.key, {})
+            attrs["resilient.circuit.state"] = attrs["state"] = _TRANSITIONS[kind]
             self._transitions.add(1, attrs)
+        _span_event(event)
 
 
-def _attributes(key: str, policy: str, status: int | str | None) -> Attributes:
-    if status is None or status == "":
-        return {"key": key, "policy": policy}
-    return {"key": key, "policy": policy, "status": status}
+def _policy_attributes(policy: str, key: str, base: Mapping[str, Any]) -> Attrs:
+    """``base`` plus the policy and key, under the new names and the deprecated ones."""
+    return {**base, "resilient.policy": policy, "resilient.key": key, "policy": policy, "key": key}
+
+
+def _call_attributes() -> Mapping[str, Any]:
+    """The request attributes of the call this task is in (none outside a call)."""
+    request = _metrics.current_request()
+    return {} if request is None else _request_attributes(request)
+
+
+def _span_event(event: Event) -> None:
+    """``event`` on the caller's current span, if that span records."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attrs: Attrs = {"resilient.policy": event.policy, "resilient.key": event.key}
+    if event.attempt:
+        attrs["resilient.attempt"] = event.attempt
+    if event.delay is not None:
+        attrs["resilient.delay"] = event.delay
+    if event.status is not None:
+        attrs["http.response.status_code"] = event.status
+    if event.reason:
+        attrs["resilient.reason"] = event.reason
+    span.add_event("resilient." + event.kind, attrs)
+
+
+def _histogram(
+    meter: Meter, name: str, *, unit: str, description: str, buckets: tuple[float, ...] = ()
+) -> Any:
+    """A histogram, with bucket advice where the API knows it (opentelemetry-api 1.23+)."""
+    if buckets:
+        try:
+            return meter.create_histogram(
+                name, unit=unit, description=description,
+                explicit_bucket_boundaries_advisory=buckets,
+            )
+        except TypeError:  # pragma: no cover - older opentelemetry-api
+            pass
+    return meter.create_histogram(name, unit=unit, description=description)
 
 
 def _noop() -> None:
@@ -102,30 +305,40 @@ def _noop() -> None:
 _active: _Recorder | None = None
 
 
-def instrument_opentelemetry(meter_provider: MeterProvider | None = None) -> Callable[[], None]:
-    """Record ``resilient``'s metrics with OpenTelemetry; returns ``uninstrument()``.
+def instrument_opentelemetry(
+    meter_provider: MeterProvider | None = None, tracer_provider: TracerProvider | None = None
+) -> Callable[[], None]:
+    """Record ``resilient``'s spans and metrics with OpenTelemetry; returns
+    ``uninstrument()``.
 
-    ``meter_provider``: default the global one (``opentelemetry.metrics``). Calling it
-    again with the same provider returns the same ``uninstrument`` (nothing is counted
-    twice); with another provider, the new one replaces the old.
+    ``meter_provider``, ``tracer_provider``: default the global ones
+    (``opentelemetry.metrics``, ``opentelemetry.trace``). Calling it again with the same
+    providers returns the same ``uninstrument`` (nothing is recorded twice); with other
+    providers, the new ones replace the old. What is recorded: the module docstring of
+    ``resilient._otel`` and the documentation's "Observability" page.
     """
     global _active
     try:
-        from opentelemetry import metrics
+        from opentelemetry import metrics, trace
     except ImportError as exc:
         raise ImportError(
             "resilient.instrument_opentelemetry needs the OpenTelemetry API:"
-            " pip install 'resilient[otel]'"
+            " pip install 'aiohttp-resilient[otel]'"
         ) from exc
     from . import __version__
 
-    provider = metrics.get_meter_provider() if meter_provider is None else meter_provider
+    meters = metrics.get_meter_provider() if meter_provider is None else meter_provider
+    tracers = trace.get_tracer_provider() if tracer_provider is None else tracer_provider
     current = _active
     if current is not None:
-        if current.provider is provider:
+        if current.providers[0] is meters and current.providers[1] is tracers:
             return lambda: _uninstall(current)
         _uninstall(current)
-    recorder = _Recorder(provider.get_meter(INSTRUMENTATION_NAME, __version__), provider)
+    recorder = _Recorder(
+        meters.get_meter(INSTRUMENTATION_NAME, __version__),
+        tracers.get_tracer(INSTRUMENTATION_NAME, __version__),
+        (meters, tracers),
+    )
     recorder.remove_hook = _events.add_hook(recorder.on_event)
     _metrics.recorder = recorder
     _active = recorder
