@@ -17,17 +17,27 @@ from ._errors import (
     BodyNotReplayable,
     CircuitOpenError,
     DeadlineExceeded,
+    LimitExceeded,
     RateLimited,
     ResilienceError,
     StorageError,
 )
 from ._events import Event, add_hook
+from ._hedge import Hedge
 from ._keys import KeyFunc, by_host
+from ._limit import ConcurrencyLimit
 from ._otel import instrument_opentelemetry
 from ._policy import Policy
 from ._ratelimit import RateLimitBackoff
 from ._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
-from ._stats import CircuitStats, PauseStats, RetryStats, ThrottleStats
+from ._stats import (
+    CircuitStats,
+    HedgeStats,
+    LimitStats,
+    PauseStats,
+    RetryStats,
+    ThrottleStats,
+)
 from ._throttle import Throttle
 
 __version__ = "0.2.0"
@@ -38,11 +48,16 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitStats",
+    "ConcurrencyLimit",
     "DeadlineExceeded",
     "DecorrelatedJitter",
     "Event",
     "FullJitter",
+    "Hedge",
+    "HedgeStats",
     "KeyFunc",
+    "LimitExceeded",
+    "LimitStats",
     "PauseStats",
     "Policy",
     "RateLimitBackoff",

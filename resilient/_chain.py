@@ -21,11 +21,11 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(
 def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
     """Return ``policies`` outermost first in the recommended order.
 
-    Order: auth -> Retry -> CircuitBreaker -> RateLimitBackoff -> Throttle ->
-    fault injection, then any other middlewares in the order given (innermost,
-    so they run on every wire attempt). Two policies of one kind are rejected. With a
-    RateLimitBackoff and a Throttle, the key has one learned rate: the backoff's, capped
-    by the Throttle's rate (an adaptive Throttle keyed alike reads it, see
+    Order: auth -> Hedge -> Retry -> CircuitBreaker -> RateLimitBackoff ->
+    ConcurrencyLimit -> Throttle -> fault injection, then any other middlewares in the
+    order given (innermost, so they run on every wire attempt). Two policies of one kind
+    are rejected. With a RateLimitBackoff and a Throttle, the key has one learned rate: the
+    backoff's, capped by the Throttle's rate (an adaptive Throttle keyed alike reads it, see
     :meth:`Throttle.follow`).
     """
     seen: dict[str, Policy] = {}

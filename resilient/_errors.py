@@ -9,6 +9,7 @@ __all__ = [
     "BodyNotReplayable",
     "CircuitOpenError",
     "DeadlineExceeded",
+    "LimitExceeded",
     "RateLimited",
     "ResilienceError",
     "StorageError",
@@ -51,6 +52,21 @@ class RateLimited(ResilienceError):
 
     def __reduce__(self) -> tuple[type[RateLimited], tuple[str, float]]:
         return (type(self), (self.key, self.retry_after))
+
+
+class LimitExceeded(ResilienceError):
+    """``key`` has ``ConcurrencyLimit``'s requests in flight and the caller may not queue:
+    the queue is full (``max_queue``) or its turn would come after its deadline. Nothing
+    was sent. ``reason``: ``"queue full"`` or ``"deadline"``.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"concurrency limit reached on {key} ({reason}); nothing was sent")
+
+    def __reduce__(self) -> tuple[type[LimitExceeded], tuple[str, str]]:
+        return (type(self), (self.key, self.reason))
 
 
 class BodyNotReplayable(ResilienceError):

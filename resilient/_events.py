@@ -49,6 +49,10 @@ EventKind = Literal[
     "circuit_rejected",
     "token_refreshed",
     "reauthorize",
+    "hedge_sent",
+    "hedge_won",
+    "hedge_skipped",
+    "limit_rejected",
 ]
 EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 """Every event kind (see :data:`EventKind`)."""
@@ -62,7 +66,8 @@ class Event:
 
     ``kind``: what happened (:data:`EventKind`). ``key``: the state key (e.g.
     ``"https://api.example.com"``). ``policy``: the policy's kind (``"retry"``,
-    ``"circuit_breaker"``, ``"rate_limit_backoff"``, ``"throttle"``, ``"auth"``).
+    ``"circuit_breaker"``, ``"rate_limit_backoff"``, ``"throttle"``, ``"auth"``,
+    ``"hedge"``, ``"concurrency_limit"``).
     ``method``, ``url``: the request (the url without query, fragment or
     user:password); empty for key-level events (circuit transitions). ``attempt``:
     attempts made so far in this call (429s for ``rate_limited``), 0 when not counted.

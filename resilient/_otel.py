@@ -38,6 +38,11 @@ outcome as ``http.response.status_code`` and/or ``error.type`` (as above):
   ``open``, ``half_open`` or ``closed``.
 - ``resilient.wait.duration`` (histogram, s): every wait, as waited.
 - ``resilient.waiting`` (up-down counter): callers waiting now.
+- ``resilient.hedges`` (counter): ``Hedge`` decisions, with ``resilient.hedge.outcome``
+  = ``sent`` (a copy went), ``won`` (a copy answered first) or ``skipped`` (the budget
+  refused a copy).
+- ``resilient.limit.rejected`` (counter): callers ``ConcurrencyLimit`` refused
+  (``LimitExceeded``), with ``resilient.reason`` (``queue full`` or ``deadline``).
 
 The attributes of 0.1.0, ``key``, ``policy``, ``status`` (the status, or the exception's
 class name) and ``state``, are still recorded alongside: deprecated, to be removed in
@@ -81,6 +86,7 @@ _TRANSITIONS = {
     "circuit_half_open": "half_open",
     "circuit_closed": "closed",
 }
+_HEDGES = {"hedge_sent": "sent", "hedge_won": "won", "hedge_skipped": "skipped"}
 
 _CACHE = "_resilient_otel"
 """Where a request keeps its conventions' attributes (computed once per request)."""
@@ -164,6 +170,14 @@ class _Recorder:
         )
         self._waiting = meter.create_up_down_counter(
             "resilient.waiting", unit="{caller}", description="Callers waiting now"
+        )
+        self._hedges = meter.create_counter(
+            "resilient.hedges", unit="{hedge}", description="Hedged copies sent, won, skipped"
+        )
+        self._limit_rejected = meter.create_counter(
+            "resilient.limit.rejected",
+            unit="{request}",
+            description="Callers refused by a concurrency limit (nothing sent)",
         )
 
     # -- calls and waits (resilient._metrics.Recorder) ----------------------------------
@@ -250,6 +264,14 @@ class _Recorder:
             attrs = _policy_attributes(event.policy, event.key, {})
             attrs["resilient.circuit.state"] = attrs["state"] = _TRANSITIONS[kind]
             self._transitions.add(1, attrs)
+        elif kind in _HEDGES:
+            attrs = _policy_attributes(event.policy, event.key, _call_attributes())
+            attrs["resilient.hedge.outcome"] = _HEDGES[kind]
+            self._hedges.add(1, attrs)
+        elif kind == "limit_rejected":
+            attrs = _policy_attributes(event.policy, event.key, _call_attributes())
+            attrs["resilient.reason"] = event.reason.split(" (", 1)[0]
+            self._limit_rejected.add(1, attrs)
         _span_event(event)
 
 

@@ -13,7 +13,8 @@ class Policy:
     """Base of every ``resilient`` middleware.
 
     ``order`` ranks a policy in :func:`resilient.chain` (smaller is outer):
-    auth 0, retry 10, circuit breaker 20, 429 backoff 30, throttle 40, chaos 50.
+    auth 0, hedge 5, retry 10, circuit breaker 20, 429 backoff 30, concurrency limit 35,
+    throttle 40, chaos 50.
     ``kind`` names the slot: a chain holds at most one policy of each kind.
     """
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-__all__ = ["CircuitStats", "PauseStats", "RetryStats", "ThrottleStats"]
+__all__ = [
+    "CircuitStats",
+    "HedgeStats",
+    "LimitStats",
+    "PauseStats",
+    "RetryStats",
+    "ThrottleStats",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +91,40 @@ class RetryStats:
     first_attempts: int
     retries: int
     retries_left: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeStats:
+    """One key of a ``Hedge``.
+
+    ``delay``: seconds a call of the key waits for its response before a copy goes (the
+    configured ``delay``, or the learned p95, or the warm-up delay). ``samples``: latencies
+    in the key's window (at most its size). ``p95``: the learned p95, None before enough
+    samples. ``hedged``: copies sent; ``won``: calls a copy answered first (both since the
+    key was created).
+    """
+
+    key: str
+    delay: float
+    samples: int
+    p95: float | None
+    hedged: int
+    won: int
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStats:
+    """One key of a ``ConcurrencyLimit``.
+
+    ``limit``: requests the key may have in flight. ``in_flight``: holding a slot now.
+    ``waiting``: queued for a slot. ``rejected``: callers refused with ``LimitExceeded``
+    since the key was created. ``hold``: the smoothed seconds a slot is held (None before
+    the first release), from which a queued caller's wait is estimated.
+    """
+
+    key: str
+    limit: int
+    in_flight: int
+    waiting: int
+    rejected: int
+    hold: float | None

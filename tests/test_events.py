@@ -230,11 +230,58 @@ async def test_reauthorize_on_a_401_a_refresh_cannot_fix(server, session, events
     assert (event.kind, event.status, event.reason) == ("reauthorize", 401, "AuthorizationFailure")
 
 
+def slow(seconds: float) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(text="slow")
+
+    return reply
+
+
+@pytest.mark.looptime
+async def test_hedge_sent_then_won_when_a_copy_answers_first(server, session, events):
+    server.script("/r", slow(10.0))
+    assert await fetch(session, server.url + "/r", resilient.Hedge(delay=0.5)) == 200
+    sent, won = events
+    assert (sent.kind, sent.policy, sent.attempt, sent.key) == (
+        "hedge_sent", "hedge", 1, key_of(server),
+    )  # fmt: skip
+    assert (sent.method, sent.url) == ("GET", server.url + "/r")
+    assert (won.kind, won.attempt, won.status) == ("hedge_won", 1, 200)
+
+
+@pytest.mark.looptime
+async def test_hedge_skipped_when_the_budget_is_spent(server, session, events):
+    server.script("/r", slow(1.0))
+    hedge = resilient.Hedge(delay=0.5, budget=resilient.RetryBudget(0.0, 0.0))
+    assert await fetch(session, server.url + "/r", hedge) == 200
+    (event,) = events
+    assert (event.kind, event.reason) == ("hedge_skipped", "hedge budget exhausted")
+
+
+@pytest.mark.looptime
+async def test_limit_rejected_when_the_queue_is_full(server, session, events):
+    server.script("/r", slow(1.0))
+    limit = resilient.ConcurrencyLimit(1, max_queue=0)
+    first = asyncio.create_task(fetch(session, server.url + "/r", limit))
+    while not server.arrivals:
+        await asyncio.sleep(0.01)
+    with pytest.raises(resilient.LimitExceeded):
+        await fetch(session, server.url + "/r", limit)
+    await first
+    (event,) = events
+    assert (event.kind, event.policy, event.key) == (
+        "limit_rejected", "concurrency_limit", key_of(server),
+    )  # fmt: skip
+    assert event.reason == "queue full (max_queue=0 waiting)"
+
+
 def test_the_tests_above_cover_every_kind():
     covered = {
         "retry_scheduled", "retry_gave_up", "rate_limited", "pause_probe", "throttled",
         "circuit_opened", "circuit_half_open", "circuit_closed", "circuit_rejected",
-        "token_refreshed", "reauthorize",
+        "token_refreshed", "reauthorize", "hedge_sent", "hedge_won", "hedge_skipped",
+        "limit_rejected",
     }  # fmt: skip
     assert covered == EVENT_KINDS
 

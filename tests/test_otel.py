@@ -535,3 +535,45 @@ def test_url_full_redacts_credentials_and_query_values():
     )
     assert url_full(URL("http://h/p")) == "http://h/p"
     assert url_full(URL("http://user@h/")) == "http://REDACTED:REDACTED@h/"
+
+
+# --- Hedge and ConcurrencyLimit ------------------------------------------------------
+
+
+def answer_after(seconds: float) -> Any:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(text="late")
+
+    return reply
+
+
+@pytest.mark.looptime
+async def test_a_hedged_call_is_one_call_with_a_span_per_copy(server, session, metrics):
+    server.script("/r", answer_after(10.0))
+    with metrics.tracer.start_as_current_span("caller") as caller:
+        assert await fetch(session, server.url + "/r", resilient.Hedge(delay=0.5)) == 200
+    await asyncio.sleep(0.01)  # the loser's cancellation lands
+    assert metrics.value("resilient.requests", **{"resilient.policy": "hedge"}) == 1
+    assert metrics.value("resilient.hedges", **{"resilient.hedge.outcome": "sent"}) == 1
+    assert metrics.value("resilient.hedges", **{"resilient.hedge.outcome": "won"}) == 1
+    spans = metrics.attempts()
+    assert len(spans) == 2
+    assert {s.parent.span_id for s in spans if s.parent} == {caller.get_span_context().span_id}
+    assert sorted(str(s.attributes.get("error.type")) for s in spans) == [
+        "CancelledError", "None"
+    ]  # fmt: skip
+
+
+@pytest.mark.looptime
+async def test_limit_refusals_are_counted_by_reason(server, session, metrics):
+    server.script("/r", answer_after(1.0))
+    limit = resilient.ConcurrencyLimit(1, max_queue=0)
+    first = asyncio.create_task(fetch(session, server.url + "/r", limit))
+    while not server.arrivals:
+        await asyncio.sleep(0.01)
+    with pytest.raises(resilient.LimitExceeded):
+        await fetch(session, server.url + "/r", limit)
+    await first
+    assert metrics.value("resilient.limit.rejected", **{"resilient.reason": "queue full"}) == 1
+    assert metrics.value("resilient.requests", status="LimitExceeded") == 1
