@@ -248,12 +248,16 @@ class RateLimitBackoff(Policy):
         gate.pause(left, probe=False)
         return gate
 
-    async def _share_pause(self, key: str, delay: float, resp: ClientResponse) -> float:
-        """Pause ``key`` in Redis; if that fails, the 429 is released before the error."""
+    async def _share_pause(
+        self, key: str, gate: PauseGate, delay: float, resp: ClientResponse, probe: bool
+    ) -> float:
+        """Pause ``key`` in Redis; if that fails (or the caller is cancelled), the key is
+        paused here (a probe's role handed back) and the 429 released before the error."""
         assert self._shared is not None
         try:
-            return await self._shared.pause(key, delay)
+            return await self._shared.pause(key, delay, probe=probe)
         except BaseException:
+            gate.pause(delay, probe=probe)
             resp.release()
             raise
 
@@ -380,7 +384,7 @@ class RateLimitBackoff(Policy):
         server = None if hint is None else hint[0]
         delay = backoff_delay(server, max(gate.streak, 1), base=self._base, cap=self._cap)
         if self._shared is not None:  # every process pauses: the end is Redis's
-            delay = max(delay, await self._share_pause(key, delay, resp))
+            delay = max(delay, await self._share_pause(key, gate, delay, resp, probe))
         wait = max(delay, gate.pause(delay, probe=probe))
         gives_up = now + wait > latest or not body_replayable(request)
         _events.emit(
@@ -441,7 +445,7 @@ class RateLimitBackoff(Policy):
         if probe:
             gate.open()  # sending resumes; the probe's answer is the first it counts
             if self._shared is not None:
-                await self._shared.open(key)
+                self._shared.opened(key)  # in the background
         elif learned is not None:
             learned.accepted(_clock.now())
         self._heed(key, resp)

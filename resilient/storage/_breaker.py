@@ -10,6 +10,14 @@ those of :mod:`resilient._breaker`; each request costs two round trips:
 - ``record`` its outcome (an outcome of an older epoch is ignored), which opens or
   closes the circuit for everyone; ``release`` a probe slot that got no outcome.
 
+Every admission carries a token of its own, the name of the half-open slot it may take;
+``release`` names it, so it frees that slot and never another's. Every path that does
+not record an outcome hands the slot back in the background: the caller failed
+without an outcome, was cancelled (during ``admit`` too: Redis may have admitted it),
+or its ``admit`` failed (a reply after the storage timeout). A release that reaches
+Redis before its admission (overtaken) makes that admission take nothing. The outcome
+is recorded even if the caller is cancelled meanwhile (the response is released then).
+
 A Redis failure before sending raises ``StorageError`` (``on_storage_error="raise"``)
 or falls back to an in-memory breaker of this process (``"allow"``). A failure to
 record an outcome after the response never costs the caller the response: it is
@@ -18,10 +26,12 @@ logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
@@ -49,7 +59,17 @@ class SharedCircuits:
     breaker with the same settings.
     """
 
-    __slots__ = ("_args", "_fallback", "_max_open_for", "_on_error", "_probes", "_store")
+    __slots__ = (
+        "_args",
+        "_client",
+        "_fallback",
+        "_max_open_for",
+        "_on_error",
+        "_probes",
+        "_seq",
+        "_store",
+        "_tasks",
+    )
 
     def __init__(
         self,
@@ -69,6 +89,9 @@ class SharedCircuits:
         self._probes = s.half_open_probes
         self._fallback = fallback
         self._on_error = on_error
+        self._client = uuid.uuid4().hex
+        self._seq = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def fallback(self) -> CircuitBreaker:
@@ -79,10 +102,15 @@ class SharedCircuits:
         self, key: str, request: ClientRequest, handler: ClientHandlerType
     ) -> ClientResponse:
         """Admit, send, record: the shared breaker's ``__call__``."""
+        self._seq += 1
+        token = f"{self._client}:{self._seq}"  # the name of the slot it may take
         try:
-            verdict, epoch, retry_after, transition = await self._run(key, "admit", _admission)
-        except StorageError as exc:
-            if self._on_error == "raise":
+            verdict, epoch, retry_after, transition = await self._run(
+                key, "admit", _admission, token
+            )
+        except BaseException as exc:  # Redis may have admitted it: hand the slot back
+            self._release(key, token)
+            if not isinstance(exc, StorageError) or self._on_error == "raise":
                 raise
             self._store.warn(_KIND, exc, _clock.now())
             return await self._fallback(request, handler)
@@ -97,11 +125,15 @@ class SharedCircuits:
             resp = await handler(request)
         except BaseException as exc:
             if is_failure(exc):
-                await self._record(key, epoch, True, probe)
+                await self._settle(key, epoch, True, probe, token)
             elif probe:
-                await self._record(key, epoch, None, probe)
+                self._release(key, token)
             raise
-        await self._record(key, epoch, resp.status >= 500, probe)
+        try:
+            await self._settle(key, epoch, resp.status >= 500, probe, token)
+        except BaseException:  # cancelled: the outcome is still recorded
+            resp.release()
+            raise
         return resp
 
     async def state(self, key: str) -> tuple[str, float]:
@@ -109,24 +141,49 @@ class SharedCircuits:
         state: tuple[str, float] = await self._run(key, "state", _state)
         return state
 
-    async def _record(self, key: str, epoch: int, failed: bool | None, probe: bool) -> None:
-        """Count an outcome (``failed``), or free a probe slot (``failed`` is None)."""
+    async def drain(self) -> None:
+        """Wait until the background work (releases, outcomes) is done (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _release(self, key: str, token: str) -> None:
+        """Free the half-open slot named ``token`` (if it took one) in the background."""
+        self._background(self._free(key, token))
+
+    async def _free(self, key: str, token: str) -> None:
         try:
-            if failed is None:
-                await self._run(key, "release", _ignore, epoch)
-                return
+            await self._run(key, "release", _ignore, token)
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the probe slot frees after open_for")
+
+    async def _settle(self, key: str, epoch: int, failed: bool, probe: bool, token: str) -> None:
+        """Record the outcome; the caller waits for it, but a cancelled caller does not
+        stop it (a probe's slot is never left without its outcome)."""
+        await asyncio.shield(self._background(self._record(key, epoch, failed, probe, token)))
+
+    async def _record(self, key: str, epoch: int, failed: bool, probe: bool, token: str) -> None:
+        """Count an outcome; a probe's outcome that Redis did not take frees its slot."""
+        try:
             transition, pause, why = await self._run(
                 key, "record", self._outcome, epoch, int(failed), int(probe)
             )
         except StorageError as exc:
             self._store.warn(_KIND, exc, _clock.now(), "this outcome is not counted")
+            if probe:
+                self._release(key, token)
             return
         if transition == "opened":
             _opened(key, why, pause)
         elif transition == "closed":
             _closed(key, self._probes)
 
-    async def _run(self, key: str, op: str, parse: Callable[[Any], T], *args: int) -> T:
+    async def _run(self, key: str, op: str, parse: Callable[[Any], T], *args: int | str) -> T:
         """Script ``op`` on ``key``'s hash; every call draws the jitter of a break."""
         return await self._store.run(
             "breaker",

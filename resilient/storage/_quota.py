@@ -17,6 +17,11 @@ landing that never comes (the process died, or Redis failed then) holds its slot
 least as long as a recorded slot would have, then frees it. A window full of other
 processes' requests in flight is looked at again every :data:`POLL` seconds (their
 landings do not wake this process).
+
+A boarding that never answers its caller (cancelled, or its reply came after the storage
+timeout: ``StorageError``) may have boarded all the same: ``quota_forget`` takes its
+ticket out in the background, naming it, and if the boarding has not arrived yet (its
+command was overtaken) remembers the ticket as gone, so that boarding counts nothing.
 """
 
 from __future__ import annotations
@@ -82,15 +87,18 @@ class SharedQuotas(Quotas):
         self._lease = self._longest + IN_FLIGHT_LEASE
 
     def _keys(self, key: str) -> list[str]:
-        """``key``'s in-flight set and window lists, built once (see :data:`KEY_CACHE`)."""
+        """``key``'s in-flight set, window lists and gone set, built once (see
+        :data:`KEY_CACHE`)."""
         names = self._names.get(key)
         if names is None:
             if len(self._names) >= KEY_CACHE:
                 del self._names[next(iter(self._names))]
             prefixed = self._store.limits.bridge.prefixed_key
             base = f"{KEY_PREFIX}:throttle/{tag(key)}"
-            names = self._names[key] = [f"{base}/flying"] + [
-                prefixed(item.key_for(NAMESPACE, tag(key))) for item in self._items
+            names = self._names[key] = [
+                f"{base}/flying",
+                *(prefixed(item.key_for(NAMESPACE, tag(key))) for item in self._items),
+                f"{base}/gone",
             ]
         return names
 
@@ -105,7 +113,8 @@ class SharedQuotas(Quotas):
                 [ticket, self._lease, POLL, *self._args],
                 self._boarding,
             )
-        except StorageError as exc:
+        except StorageError as exc:  # it may have boarded (a late reply): take it out
+            self._background(self._forget(key, ticket))
             if self._on_error == "raise":
                 raise
             self._store.warn("throttle", exc, _clock.now())
@@ -143,7 +152,8 @@ class SharedQuotas(Quotas):
 
     async def _forget(self, key: str, ticket: str) -> None:
         try:
-            await self._store.run("quota_forget", self._keys(key)[:1], [ticket])
+            names = self._keys(key)
+            await self._store.run("quota_forget", [names[0], names[-1]], [ticket, self._lease])
         except StorageError as exc:
             self._store.warn("throttle", exc, _clock.now(), "the ticket's lease frees it")
 

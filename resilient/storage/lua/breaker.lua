@@ -1,15 +1,20 @@
 -- One key's circuit breaker shared by every process, on Redis's clock (TIME).
 -- KEYS[1]: hash {state (0 closed, 1 open, 2 half-open), epoch, until, admitted,
---   successes, streak (failures in a row while closed), level (failed probes since the
---   circuit closed), and per bucket i (0..buckets-1): b<i> its number, n<i> calls,
---   f<i> failures}.
+--   slots (the tokens of the probes admitted in this half-open epoch, space-separated),
+--   gone (the last tokens released before their admission arrived), successes, streak
+--   (failures in a row while closed), level (failed probes since the circuit closed),
+--   and per bucket i (0..buckets-1): b<i> its number, n<i> calls, f<i> failures}.
 -- ARGV: op, failure_ratio, min_calls, open_for, half_open_probes, width, buckets,
 --   consecutive_failures, max_open_for, u (uniform in [0, 1): the jitter of a break), then
---   admit                 -> {0, epoch} closed | {1, epoch, transition} probe admitted |
---                            {-1, epoch, seconds until half-open} rejected
+--   admit token           -> {0, epoch} closed | {1, epoch, transition} probe admitted,
+--                            its slot named token | {-1, epoch, seconds until half-open}
+--                            rejected (also a token already released: its caller is gone)
 --   record epoch failed probe -> {state, transition, break seconds, reason}; an outcome
 --                            of an older epoch is ignored
---   release epoch         -> a half-open probe ended without an outcome: free its slot
+--   release token         -> the admission named token ended without an outcome (its
+--                            caller failed, was cancelled, or never got the answer): free
+--                            its slot. Not admitted (yet): remembered as gone, so an
+--                            admission arriving later takes no slot. Never frees another's.
 --   state                 -> {state, seconds until (half-)open ends}
 -- Same rules as the in-memory circuit (resilient/_breaker.py, next_break for the break).
 -- Floats travel as strings.
@@ -20,16 +25,22 @@ local ratio, min_calls, open_for = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumbe
 local probes, width, buckets = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local consecutive, max_open_for, u = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local h = redis.call('HMGET', key, 'state', 'epoch', 'until', 'admitted', 'successes',
-                     'streak', 'level')
+                     'streak', 'level', 'slots')
 local state, epoch = tonumber(h[1] or '0'), tonumber(h[2] or '0')
 local untl, admitted, successes = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
-local streak, level = tonumber(h[6] or '0'), tonumber(h[7] or '0')
+local streak, level, slots = tonumber(h[6] or '0'), tonumber(h[7] or '0'), h[8] or ''
+local GONE = 8  -- tokens remembered as gone
 local ttl = math.ceil(width * buckets + max_open_for) + 60
 
 local function save()
   redis.call('HSET', key, 'state', state, 'epoch', epoch, 'until', tostring(untl),
-             'admitted', admitted, 'successes', successes, 'streak', streak, 'level', level)
+             'admitted', admitted, 'successes', successes, 'streak', streak, 'level', level,
+             'slots', slots)
   redis.call('EXPIRE', key, ttl)
+end
+
+local function has(list, name)
+  return string.find(' ' .. list .. ' ', ' ' .. name .. ' ', 1, true) ~= nil
 end
 
 local function clear_counts()
@@ -46,7 +57,7 @@ end
 
 local function trip(why)
   local pause = next_break()
-  state, epoch, untl, admitted, successes, streak = 1, epoch + 1, now + pause, 0, 0, 0
+  state, epoch, untl, admitted, successes, streak, slots = 1, epoch + 1, now + pause, 0, 0, 0, ''
   clear_counts()
   save()
   return {state, 'opened', tostring(pause), why}
@@ -54,13 +65,19 @@ end
 
 if op == 'admit' then
   if state == 0 then return {0, epoch} end
+  local token = ARGV[11]
+  if state == 2 and has(slots, token) then return {1, epoch, ''} end  -- sent again
+  if has(redis.call('HGET', key, 'gone') or '', token) then
+    return {-1, epoch, tostring(math.max(0, untl - now))}
+  end
   local transition = ''
   if state == 1 or admitted >= probes then
     if now < untl then return {-1, epoch, tostring(untl - now)} end
     transition = (state == 2) and 'half_open_again' or 'half_open'
-    state, epoch, admitted, successes = 2, epoch + 1, 0, 0
+    state, epoch, admitted, successes, slots = 2, epoch + 1, 0, 0, ''
   end
   admitted = admitted + 1
+  slots = (slots == '') and token or (slots .. ' ' .. token)
   untl = now + open_for
   save()
   return {1, epoch, transition}
@@ -74,7 +91,7 @@ elseif op == 'record' then
     end
     successes = successes + 1
     if successes >= probes then
-      state, epoch, admitted, successes, streak, level = 0, epoch + 1, 0, 0, 0, 0
+      state, epoch, admitted, successes, streak, level, slots = 0, epoch + 1, 0, 0, 0, 0, ''
       clear_counts()
       save()
       return {state, 'closed'}
@@ -112,8 +129,21 @@ elseif op == 'record' then
   end
   return {state, ''}
 elseif op == 'release' then
-  if tonumber(ARGV[11]) == epoch and state == 2 and admitted > 0 then
-    redis.call('HSET', key, 'admitted', admitted - 1)
+  local token = ARGV[11]
+  if state == 2 and has(slots, token) then
+    local rest = {}
+    for name in string.gmatch(slots, '%S+') do
+      if name ~= token then rest[#rest + 1] = name end
+    end
+    redis.call('HSET', key, 'admitted', math.max(0, admitted - 1), 'slots', table.concat(rest, ' '))
+  else
+    local names = {}
+    for name in string.gmatch(redis.call('HGET', key, 'gone') or '', '%S+') do
+      names[#names + 1] = name
+    end
+    names[#names + 1] = token
+    redis.call('HSET', key, 'gone', table.concat(names, ' ', math.max(1, #names - GONE + 1)))
+    redis.call('EXPIRE', key, ttl)
   end
   return 1
 elseif op == 'state' then
