@@ -91,6 +91,8 @@ _HEDGES = {"hedge_sent": "sent", "hedge_won": "won", "hedge_skipped": "skipped"}
 _CACHE = "_resilient_otel"
 """Where a request keeps its conventions' attributes (computed once per request)."""
 
+_URL_CACHE = "_resilient_url_full"
+
 Attrs = dict[str, Any]
 
 
@@ -121,6 +123,15 @@ def _request_attributes(request: ClientRequest) -> Attrs:
     return attrs
 
 
+def _url_full_of(request: ClientRequest) -> str:
+    """:func:`url_full` of ``request``, computed once per request (retries re-send it)."""
+    cache = vars(request)
+    full: str | None = cache.get(_URL_CACHE)
+    if full is None:
+        full = cache[_URL_CACHE] = url_full(request.url)
+    return full
+
+
 def _outcome(attrs: Attrs, outcome: int | BaseException | None) -> Attrs:
     """``attrs`` plus the conventions' outcome: ``http.response.status_code`` and
     ``error.type`` (the status code from 400 on, or the exception's class name)."""
@@ -141,9 +152,14 @@ class _Recorder:
     """The OpenTelemetry backend of :mod:`resilient._metrics`, plus an event hook."""
 
     def __init__(self, meter: Meter, tracer: Tracer, providers: tuple[object, object]) -> None:
+        from opentelemetry import context, trace
+
         self.providers = providers
         self.remove_hook: Callable[[], None] = _noop
         self._tracer = tracer
+        self._current_context = context.get_current
+        self._client = trace.SpanKind.CLIENT
+        self._error = trace.Status(trace.StatusCode.ERROR)
         self._duration = _histogram(
             meter,
             "http.client.request.duration",
@@ -202,9 +218,7 @@ class _Recorder:
     # -- requests on the wire -----------------------------------------------------------
 
     def attempt_started(self) -> Context:
-        from opentelemetry import context
-
-        return context.get_current()  # the caller's: its span is the parent
+        return self._current_context()  # the caller's: its span is the parent
 
     def attempt_ended(
         self,
@@ -215,8 +229,6 @@ class _Recorder:
         resends: int,
         outcome: ClientResponse | BaseException,
     ) -> None:
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
         parent = cast("Context", started)  # what attempt_started returned
         seconds = max(seconds, 0.0)
         start_ns = int(start * 1e9)
@@ -227,18 +239,18 @@ class _Recorder:
         method = request.method
         if attrs["http.request.method"] == "_OTHER":
             attrs["http.request.method_original"] = method
-        attrs["url.full"] = url_full(request.url)
+        attrs["url.full"] = _url_full_of(request)
         if resends:
             attrs["http.request.resend_count"] = resends
         span = self._tracer.start_span(
             method if method in KNOWN_METHODS else "HTTP",
             context=parent,
-            kind=SpanKind.CLIENT,
+            kind=self._client,
             attributes=attrs,
             start_time=start_ns,
         )
         if "error.type" in attrs:
-            span.set_status(Status(StatusCode.ERROR))
+            span.set_status(self._error)
         span.end(end_time=start_ns + int(seconds * 1e9))
 
     # -- events -------------------------------------------------------------------------
