@@ -3,14 +3,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test bench lint typecheck clean redis services
+.PHONY: test bench lint typecheck docs docs-serve clean redis services
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/bin/activate
-	$(PY) -m pip install --quiet -e '.[test,bench,redis,otel]'
+	$(PY) -m pip install --quiet -e '.[test,bench,redis,otel,docs]'
 	touch $@
 
 # Redis and nginx tests (and the shared-quota and nginx benchmarks) need redis-server and
@@ -30,9 +30,13 @@ services:
 
 redis: services
 
+# `make test` also builds the documentation site strictly (a broken link, a missing page or
+# an API name that no longer exists fails it) and, in pytest, the distribution
+# (tests/test_distribution.py: sdist + wheel, installed into a fresh venv, imported).
 test: $(VENV)/.installed-test services
 	$(PY) -m ruff check resilient tests benchmarks examples
 	$(PY) -m mypy --strict resilient
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test services
@@ -44,5 +48,12 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(PY) -m mypy --strict resilient
 
+# The documentation site (mkdocs.yml, docs/): built into site/, or served with live reload.
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site dist
