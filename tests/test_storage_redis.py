@@ -3,7 +3,7 @@ shared by clients (separate policy instances: separate Redis clients, as separat
 processes would be), and Redis failures are bounded and named.
 
 Redis keeps time on its own clock and ``limits`` windows are wall-clock windows, so
-these tests use short real windows and pauses (DESIGN.md, "Time"), not looptime.
+these tests use short real windows and pauses (docs/design.md, "Time"), not looptime.
 """
 
 from __future__ import annotations
