@@ -26,6 +26,8 @@ from resilient._otel import url_full
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+pytestmark = pytest.mark.timeout(30)
+
 
 def retry_after(status: int, seconds: int) -> Reply:
     async def reply(request: web.Request) -> web.StreamResponse:
