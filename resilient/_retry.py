@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections.abc import Iterable
 
 import aiohttp
@@ -16,7 +17,7 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from . import _clock, _deadline, _events, _metrics
 from ._backoff import Backoff, BackoffLike, DecorrelatedJitter, FullJitter, per_call_factory
 from ._budget import Balance, RetryBudget
-from ._errors import BodyNotReplayable, DeadlineExceeded, ResilienceError
+from ._errors import BodyNotReplayable, CircuitOpenError, DeadlineExceeded, ResilienceError
 from ._headers import parse_retry_after
 from ._keys import by_host
 from ._policy import Policy
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_ATTEMPTS",
     "DEFAULT_BACKOFF",
     "DEFAULT_BUDGET",
+    "DEFAULT_CIRCUIT_WAIT",
     "DEFAULT_MAX_DELAY",
     "DEFAULT_STATUSES",
     "IDEMPOTENT_METHODS",
@@ -44,6 +46,16 @@ DEFAULT_BACKOFF = FullJitter(0.5, 30.0)
 DEFAULT_BUDGET = RetryBudget(0.2, 10.0)
 DEFAULT_MAX_DELAY = 300.0
 """Seconds: a server asking for a longer wait (``Retry-After``) gets its response back."""
+DEFAULT_CIRCUIT_WAIT = 1.0
+"""Seconds: a ``CircuitOpenError`` whose ``retry_after`` is at most this (a short break,
+such as the default breaker's) is waited out and the call tried again; a longer break
+fails fast. As long as the default ``CircuitBreaker(max_open_for=1)``."""
+CIRCUIT_SPREAD = 0.5
+"""The wait for a break to end is ``retry_after × (1 + CIRCUIT_SPREAD × U[0, 1))``: the
+callers a break refused come back spread over half a break after it ends (its probe has
+usually answered by then), not all at one loop instant. Outage benchmark, 100 calls/s:
+with 0.1 the held calls reached the recovered server at 21× the call rate for 100 ms,
+with 0.5 at 9× (first success and calls ok alike)."""
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """RFC 9110 §9.2.2. Any other method is idempotent only with an ``Idempotency-Key``."""
@@ -57,8 +69,8 @@ _RETRY_AFTER_STATUSES = frozenset({429, 503})
 _NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 # Transient, but the request may have been processed: re-send idempotent requests only.
 _TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
-# Never retried: TLS / certificate problems, a pinned fingerprint, our own errors
-# (CircuitOpenError: the breaker says stop).
+# Never retried as failures: TLS / certificate problems, a pinned fingerprint, our own
+# errors (a CircuitOpenError of a short break is waited out instead, see Retry).
 _NEVER = (aiohttp.ClientSSLError, aiohttp.ServerFingerprintMismatch, ResilienceError)
 
 
@@ -105,12 +117,28 @@ class Retry(Policy):
       beyond the caller's allowance returns the response at once.
     - ``budget``: a :class:`RetryBudget` (default ratio 0.2, 10/s); ``None`` disables it.
       A retry the budget does not cover is not made.
+    - ``circuit_wait`` (default 1 s; ``0``: never): a ``CircuitOpenError`` from an inner
+      ``CircuitBreaker`` whose break ends within ``0 < retry_after <= circuit_wait`` is
+      waited out, then the call is tried again (see "Short breaks" below).
 
     Idempotency: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, and any request carrying an
     ``Idempotency-Key`` header, are retried on every listed status and on transient
     network failures. Other requests (POST, PATCH) are re-sent only when the outcome
     proves they were not processed: 429, 503, or a failure to connect before anything
     was sent; never after a read timeout, a dropped connection, 500, 502 or 504.
+
+    Short breaks: a call refused by an open circuit sent nothing, so any method may be
+    tried again. When ``retry_after`` is at most ``circuit_wait`` and the wait,
+    ``retry_after × (1 + U[0, 0.5))`` (jittered so the refused callers do not all come
+    back at the instant the break ends), fits within ``max_delay`` and the caller's
+    allowance, Retry waits it out and tries again; otherwise (a long break, a
+    ``retry_after`` of 0 as ``mode="adaptive"`` gives, no time left) the
+    ``CircuitOpenError`` propagates at once. Each refusal uses one of the ``attempts``,
+    so a long outage still fails a call after at most ``attempts - 1`` breaks. The
+    budget is spent only by requests that may reach the wire a second time: the attempt
+    after a break costs nothing while the call has sent nothing yet, and a retry the
+    breaker refuses again is given back to the budget. TLS errors and other
+    ``ResilienceError`` are never retried.
 
     Outcomes: giving up on a status returns the last response unchanged (readable);
     after the last network failure the original aiohttp exception propagates. A wait
@@ -126,6 +154,7 @@ class Retry(Policy):
         "_backoff",
         "_balance",
         "_budget",
+        "_circuit_wait",
         "_max_delay",
         "_new_backoff",
         "_statuses",
@@ -142,6 +171,7 @@ class Retry(Policy):
         backoff: BackoffLike = DEFAULT_BACKOFF,
         budget: RetryBudget | None = DEFAULT_BUDGET,
         max_delay: float = DEFAULT_MAX_DELAY,
+        circuit_wait: float = DEFAULT_CIRCUIT_WAIT,
     ) -> None:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ValueError(f"Retry: attempts must be an integer >= 1, got {attempts!r}")
@@ -155,6 +185,15 @@ class Retry(Policy):
             raise ValueError(
                 f"Retry: max_delay must be a finite number >= 0 (seconds), got {max_delay!r}"
             )
+        if (
+            isinstance(circuit_wait, bool)
+            or not isinstance(circuit_wait, (int, float))
+            or not 0.0 <= circuit_wait < math.inf
+        ):
+            raise ValueError(
+                "Retry: circuit_wait must be a finite number >= 0 (seconds; 0: never wait"
+                f" for a circuit), got {circuit_wait!r}"
+            )
         self._attempts = attempts
         self._statuses = _statuses(statuses)
         self._backoff = backoff
@@ -162,6 +201,7 @@ class Retry(Policy):
         self._budget = budget
         self._balance = Balance(budget) if budget is not None else None
         self._max_delay = float(max_delay)
+        self._circuit_wait = float(circuit_wait)
 
     @property
     def attempts(self) -> int:
@@ -183,11 +223,15 @@ class Retry(Policy):
     def max_delay(self) -> float:
         return self._max_delay
 
+    @property
+    def circuit_wait(self) -> float:
+        return self._circuit_wait
+
     def __repr__(self) -> str:
         return (
             f"Retry(attempts={self._attempts}, statuses={sorted(self._statuses)},"
             f" backoff={self._backoff!r}, budget={self._budget!r},"
-            f" max_delay={self._max_delay!r})"
+            f" max_delay={self._max_delay!r}, circuit_wait={self._circuit_wait!r})"
         )
 
     def stats(self) -> RetryStats:
@@ -207,7 +251,9 @@ class Retry(Policy):
         try:
             resp = await handler(request)
         except aiohttp.ClientError as exc:
-            if self._attempts == 1 or failure_reason(request, exc) is None:
+            if self._attempts == 1 or (
+                failure_reason(request, exc) is None and self._break(exc) is None
+            ):
                 raise
             return await self._retry(request, handler, started, None, exc)
         if resp.status not in self._statuses:
@@ -225,18 +271,31 @@ class Retry(Policy):
         """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made."""
         backoff: Backoff | None = None  # per-call strategy state, built on the first retry
         key, made, why = by_host(request), self._attempts, "attempts exhausted"
+        sent = resp is not None or not isinstance(exc, CircuitOpenError)  # the wire was used
         for attempt in range(1, self._attempts):  # attempt = number of this retry
-            reason = self._reason(request, resp, exc)
-            if reason is None:
-                made, why = attempt, "not retryable"
-                break
-            if backoff is None:
-                backoff = self._new_backoff()
-            delay = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
-            if delay is None:  # the server asks for more than max_delay
-                made, why = attempt, "server delay beyond max_delay"
-                break
+            refused = None if exc is None else self._break(exc)
+            if refused is not None:  # a short break: wait it out (nothing was sent)
+                reason = "circuit open"
+                delay = refused * (1.0 + CIRCUIT_SPREAD * random.random())
+                if delay > self._max_delay:
+                    made, why = attempt, "circuit break beyond max_delay"
+                    break
+            else:
+                retryable = self._reason(request, resp, exc)
+                if retryable is None:
+                    made, why = attempt, "not retryable"
+                    break
+                if backoff is None:
+                    backoff = self._new_backoff()
+                wait = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
+                if wait is None:  # the server asks for more than max_delay
+                    made, why = attempt, "server delay beyond max_delay"
+                    break
+                reason, delay = retryable, wait
             if delay > _deadline.allowance(request, started):
+                if refused is not None:  # nothing sent: the breaker's verdict stands
+                    made, why = attempt, "deadline"
+                    break
                 _gave_up(request, key, attempt, resp, exc, "deadline")
                 if resp is None:
                     raise DeadlineExceeded(
@@ -253,7 +312,10 @@ class Retry(Policy):
                     " one-shot stream that was already read"
                 ) from exc
             withdrawn = _clock.now()
-            if self._balance is not None and not self._balance.withdraw(withdrawn):
+            # A call that has sent nothing yet spends no budget: its next attempt is its
+            # first request on the wire, not a repeat of one.
+            balance = self._balance if sent else None
+            if balance is not None and not balance.withdraw(withdrawn):
                 made, why = attempt, "retry budget exhausted"
                 break
             status = None if resp is None else resp.status
@@ -264,15 +326,29 @@ class Retry(Policy):
                 attempt=attempt, delay=delay, status=status, reason=reason,
             )  # fmt: skip
             with _metrics.waiting("retry", key, status):
-                await _backoff_sleep(self._balance, withdrawn, delay)
+                await _backoff_sleep(balance, withdrawn, delay)
             try:
                 resp, exc = await handler(request), None
             except aiohttp.ClientError as error:
                 resp, exc = None, error
-            if resp is not None and resp.status not in self._statuses:
-                return resp
+                if isinstance(error, CircuitOpenError):  # refused: this retry sent nothing
+                    if balance is not None:
+                        balance.refund(withdrawn)
+                else:
+                    sent = True
+            else:
+                if resp.status not in self._statuses:
+                    return resp
+                sent = True
         _gave_up(request, key, made, resp, exc, why)
         return _give_up(resp, exc)
+
+    def _break(self, exc: aiohttp.ClientError) -> float | None:
+        """``retry_after`` of a ``CircuitOpenError`` whose break Retry waits out (``0 <
+        retry_after <= circuit_wait``), else ``None``."""
+        if isinstance(exc, CircuitOpenError) and 0.0 < exc.retry_after <= self._circuit_wait:
+            return exc.retry_after
+        return None
 
     def _reason(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ DOWN_AT, UP_AT, END = 1.5, 4.5, 7.0
 """Seconds from the start: the upstream stops, comes back; the last call starts."""
 SLACK = 0.75
 """Seconds of allowance for a busy machine on every timing bound."""
+MARGIN = 0.02
+"""Share of the calls the chain's ok count may fall short of plain aiohttp's by (noise:
+about 7 of 350 calls; by design it comes out ahead)."""
 
 
 def free_port() -> int:
@@ -66,21 +70,25 @@ class Run:
 
     calls: list[tuple[float, bool, str]] = field(default_factory=list)
     wire: list[float] = field(default_factory=list)
+    answered_ok: list[float] = field(default_factory=list)
+    """When each 200 came back from the wire."""
 
-    def ok_ratio(self) -> float:
-        return sum(ok for _, ok, _ in self.calls) / len(self.calls)
+    def ok(self) -> int:
+        return sum(ok for _, ok, _ in self.calls)
 
-    def first(self, after: float, ok: bool = True, error: str | None = None) -> float:
-        """Start time of the first call from ``after`` on that was ok (or raised ``error``)."""
-        hits = [t for t, good, err in self.calls if t >= after and
-                (err == error if error else good == ok)]  # fmt: skip
-        return min(hits, default=float("inf"))
+    def first(self, after: float, ok: bool = True) -> float:
+        """Start time of the first call from ``after`` on that was ok (or failed)."""
+        return min((t for t, good, _ in self.calls if t >= after and good == ok), default=math.inf)
 
 
 def counting(run: Run, t0: float) -> Callable[..., Awaitable[ClientResponse]]:
     async def count(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        run.wire.append(asyncio.get_running_loop().time() - t0)
-        return await handler(request)
+        loop = asyncio.get_running_loop()
+        run.wire.append(loop.time() - t0)
+        resp = await handler(request)
+        if resp.status == 200:
+            run.answered_ok.append(loop.time() - t0)
+        return resp
 
     return count
 
@@ -109,6 +117,11 @@ async def test_the_breaker_trips_fast_recovers_fast_and_loses_little_against_pla
     await upstream.start()
     plain_run, mine_run = Run(), Run()
     breaker = resilient.CircuitBreaker()
+    opened: list[float] = []
+    remove = resilient.add_hook(
+        lambda event: opened.append(asyncio.get_running_loop().time() - t0)
+        if event.kind == "circuit_opened" else None
+    )  # fmt: skip
     try:
         await asyncio.to_thread(nginx.start)
         loop = asyncio.get_running_loop()
@@ -132,21 +145,22 @@ async def test_the_breaker_trips_fast_recovers_fast_and_loses_little_against_pla
                 drive(mine, nginx.url + "/x", mine_run, t0),
             )
     finally:
+        remove()
         await upstream.stop()
         with contextlib.suppress(Exception):
             nginx.close()
 
     assert plain_run.first(DOWN_AT, ok=False) < DOWN_AT + SLACK  # nginx answered 502
-    opened = mine_run.first(DOWN_AT, error="CircuitOpenError")
-    assert opened - DOWN_AT <= 1.0 + SLACK, opened
-    recovered = mine_run.first(UP_AT)
+    tripped = min((t for t in opened if t >= DOWN_AT), default=math.inf)
+    assert tripped - DOWN_AT <= 1.0 + SLACK, opened
+    recovered = min((t for t in mine_run.answered_ok if t >= UP_AT), default=math.inf)
     assert recovered - UP_AT <= 1.5 + SLACK, recovered
     during = [t for t in mine_run.wire if DOWN_AT + 1.0 + SLACK <= t < UP_AT]
     plain_during = [t for t in plain_run.wire if DOWN_AT + 1.0 + SLACK <= t < UP_AT]
     assert len(during) <= 0.2 * len(plain_during), (len(during), len(plain_during))
-    # Never much worse than nothing: what the breaker refuses after the upstream is back
-    # (until its probe succeeds) is what it may lose; retries win some calls back.
-    lost = (recovered - UP_AT + SLACK) * RATE / len(mine_run.calls)
-    assert mine_run.ok_ratio() >= plain_run.ok_ratio() - lost, (
-        mine_run.ok_ratio(), plain_run.ok_ratio(), recovered - UP_AT,
-    )
+    # Never worse than nothing: the calls the breaker refuses after the upstream is back
+    # (until its probe succeeds) wait out the short break in Retry and are sent then, and
+    # calls made in the outage's last second or two succeed after it.
+    assert mine_run.ok() >= plain_run.ok() - MARGIN * len(plain_run.calls), (
+        mine_run.ok(), plain_run.ok(), len(plain_run.calls), recovered - UP_AT,
+    )  # fmt: skip

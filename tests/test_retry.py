@@ -444,6 +444,203 @@ async def test_exhausted_budget_reraises_the_last_network_error(client):
     assert attempts.count == 2  # the first try and the one retry the budget covers
 
 
+# --- short circuit breaks: waited out, nothing sent while refused ------------------------
+
+BREAK = 0.5
+"""The breaker's break in these tests (it trips on one failure; max_open_for = BREAK)."""
+
+
+def short_breaker(**overrides: object) -> resilient.CircuitBreaker:
+    options: dict[str, object] = {
+        "consecutive_failures": 1, "open_for": BREAK, "max_open_for": BREAK,
+    }  # fmt: skip
+    options.update(overrides)
+    return resilient.CircuitBreaker(**options)
+
+
+async def trip_breaker(client, server, breaker) -> float:
+    """Open ``breaker`` for ``server`` with one 503 on ``/trip``; the loop time it opened."""
+    server.script("/trip", 503)
+    async with client.get(server.url + "/trip", middlewares=(breaker,)) as resp:
+        assert resp.status == 503
+    assert breaker.state(server.url) == "open"
+    return asyncio.get_running_loop().time()
+
+
+class Seen:
+    """A middleware between Retry and the breaker: the loop time of every attempt."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    async def __call__(self, request, handler):
+        self.times.append(asyncio.get_running_loop().time())
+        return await handler(request)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_a_short_break_is_waited_out_and_the_call_succeeds_once_the_upstream_is_back(
+    server, client
+):
+    server.default("/", 503)  # the upstream is down
+    breaker = short_breaker()
+    opened = await trip_breaker(client, server, breaker)
+    loop = asyncio.get_running_loop()
+    async with client.get(server.url) as raw:  # raw aiohttp, now: the call fails
+        assert raw.status == 503
+    loop.call_later(0.2, server.default, "/", 200)  # the upstream is back 0.2 s later
+    sent = server.count()
+    retry = Retry(backoff=FAST, budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+    async with client.get(server.url, middlewares=(retry, breaker)) as resp:
+        assert resp.status == 200  # refused, waited out the break, then the probe
+        assert await resp.text() == "status 200"
+    waited = loop.time() - opened
+    assert BREAK <= waited <= BREAK * 1.5
+    assert server.count() == sent + 1  # nothing was sent while refused
+    assert breaker.state(server.url) == "closed"
+    assert retry.stats().retries == 0  # the call had sent nothing: no budget spent
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+@pytest.mark.parametrize(
+    ("open_for", "circuit_wait", "within"),
+    [
+        (30.0, 1.0, None),  # the break is longer than circuit_wait
+        (BREAK, 0.0, None),  # circuit_wait=0: never wait
+        (BREAK, 1.0, 0.2),  # the break ends after the caller's deadline
+    ],
+)
+async def test_a_long_break_still_fails_fast_with_nothing_sent(
+    server, client, open_for, circuit_wait, within
+):
+    server.default("/", 503)
+    breaker = short_breaker(open_for=open_for, max_open_for=open_for)
+    await trip_breaker(client, server, breaker)
+    server.default("/", 200)  # back already: only the breaker stands in the way
+    sent, loop = server.count(), asyncio.get_running_loop()
+    start = loop.time()
+    retry = Retry(backoff=FAST, circuit_wait=circuit_wait)
+    with resilient.deadline(math.inf if within is None else within):
+        with pytest.raises(resilient.CircuitOpenError) as refused:
+            await client.get(server.url, middlewares=(retry, breaker))
+    assert loop.time() == start  # at once
+    assert refused.value.retry_after == pytest.approx(open_for)
+    assert server.count() == sent
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_without_retry_a_short_break_fails_fast(server, client):
+    server.default("/", 503)
+    breaker = short_breaker()
+    await trip_breaker(client, server, breaker)
+    sent, loop = server.count(), asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(resilient.CircuitOpenError):
+        await client.get(server.url, middlewares=(breaker,))
+    assert loop.time() == start
+    assert server.count() == sent
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_a_post_refused_by_the_breaker_is_sent_once_after_the_break(server, client):
+    server.default("/", 503)
+    breaker = short_breaker()
+    await trip_breaker(client, server, breaker)
+    server.default("/", 201)
+    async with client.post(
+        server.url, data=b"invoice", middlewares=(Retry(backoff=FAST), breaker)
+    ) as resp:
+        assert resp.status == 201
+    posts = [a for a in server.arrivals if a.method == "POST"]
+    assert [a.body for a in posts] == [b"invoice"]  # refused: nothing sent; then once
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_a_post_whose_502_came_from_the_server_is_not_retried_even_as_the_breaker_opens(
+    server, client
+):
+    server.script("/", 502)  # then 200: a re-sent POST would succeed (and be a duplicate)
+    breaker = short_breaker()
+    async with client.post(
+        server.url, data=b"invoice", middlewares=(Retry(backoff=FAST), breaker)
+    ) as resp:
+        assert resp.status == 502
+    assert breaker.state(server.url) == "open"
+    assert server.count(method="POST") == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_callers_refused_by_one_break_come_back_spread_out_and_all_succeed(server, client):
+    server.default("/", 503)
+    breaker = short_breaker()
+    opened = await trip_breaker(client, server, breaker)
+    server.default("/", 200)
+    seen = Seen()
+    retry = Retry(backoff=FAST, budget=None)
+
+    async def one() -> int:
+        async with client.get(server.url, middlewares=(retry, seen, breaker)) as resp:
+            return resp.status
+
+    sent = server.count()
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+    assert server.count() == sent + 20  # each call reached the server once
+    assert seen.times[:20] == [opened] * 20  # all refused at once
+    back = sorted(seen.times[20:40])  # each caller's second attempt
+    assert len(set(back)) == 20  # no two at the same loop instant
+    assert opened + BREAK <= back[0]
+    assert back[-1] < opened + BREAK * 1.5
+    assert back[-1] - back[0] >= BREAK * 0.5 * 0.25  # jitter: spread, not bunched
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_a_retry_the_breaker_refuses_is_given_back_to_the_budget(server, client):
+    server.script("/", 503)  # sent, retryable; it trips the breaker
+    breaker = short_breaker()
+    one_retry = RetryBudget(ratio=0.0, min_per_second=0.1)  # one retry per 10 s
+    retry = Retry(attempts=4, backoff=FAST, budget=one_retry)
+    seen = Seen()
+    async with client.get(server.url, middlewares=(retry, seen, breaker)) as resp:
+        assert resp.status == 200
+    assert len(seen.times) == 3  # 503; refused (given back); after the break: 200
+    assert server.count() == 2
+    assert retry.stats().retries == 1
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.looptime
+async def test_a_call_cancelled_while_it_waits_out_a_break_leaves_no_trace(server, client):
+    server.script("/", 503)  # sent: the call's next attempts spend budget
+    breaker = short_breaker(open_for=0.9, max_open_for=0.9)
+    retry = Retry(attempts=4, backoff=FullJitter(0.1, 0.1))
+    seen = Seen()
+    task = asyncio.create_task(client.get(server.url, middlewares=(retry, seen, breaker)))
+    while len(seen.times) < 2:  # the 503, then refused: now waiting out the break
+        await asyncio.sleep(0.01)
+    assert breaker.state(server.url) == "open"
+    assert retry.stats().retries == 1  # the wait for the break holds one retry
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = retry.stats()
+    assert (stats.first_attempts, stats.retries) == (1, 0)
+    circuit = breaker.stats()[server.url]
+    assert (circuit.state, circuit.probes) == ("open", 0)
+    await asyncio.sleep(1.0)  # the break is over: a new call is the probe, and closes
+    async with client.get(server.url, middlewares=(breaker,)) as resp:
+        assert resp.status == 200
+    assert breaker.state(server.url) == "closed"
+    assert server.count() == 2
+    assert len(seen.times) == 2
+
+
 # --- configuration ------------------------------------------------------------------------
 
 
@@ -462,6 +659,10 @@ async def test_exhausted_budget_reraises_the_last_network_error(client):
         ({"max_delay": -1.0}, "max_delay"),
         ({"max_delay": math.nan}, "max_delay"),
         ({"max_delay": math.inf}, "max_delay"),
+        ({"circuit_wait": -0.1}, "circuit_wait"),
+        ({"circuit_wait": math.nan}, "circuit_wait"),
+        ({"circuit_wait": math.inf}, "circuit_wait"),
+        ({"circuit_wait": True}, "circuit_wait"),
     ],
 )
 def test_invalid_configuration_names_the_argument(kwargs, named):
@@ -478,7 +679,7 @@ def test_repr_shows_the_configuration():
     text = repr(Retry(attempts=3, statuses={503}, budget=None))
     assert text == (
         "Retry(attempts=3, statuses=[503], backoff=FullJitter(base=0.5, cap=30.0),"
-        " budget=None, max_delay=300.0)"
+        " budget=None, max_delay=300.0, circuit_wait=1.0)"
     )
 
 

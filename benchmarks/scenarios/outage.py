@@ -4,8 +4,9 @@ Runs on virtual time (a looptime loop, server and client in it), so the real dur
 and every client's real defaults are used. For each outage length: ``LEAD`` seconds of
 healthy traffic (the breaker's window is warm), the outage (every request answered
 503), then ``AFTER`` seconds healthy. Callers arrive open-loop at 100 per second.
-resilient also runs cold (the outage begins ``COLD_LEAD`` s after the first call) and
-with ``CircuitBreaker(mode="adaptive")`` (Google's client-side adaptive throttling).
+resilient also runs cold (the outage begins ``COLD_LEAD`` s after the first call), with
+``CircuitBreaker(mode="adaptive")`` (Google's client-side adaptive throttling) and with
+``Retry(circuit_wait=0)`` (every refusal fails the call at once, as before 0.2.0).
 
 Reported per outage and client: server requests per call during the outage, calls
 failed, time to the first success after the upstream is back (the first 2xx the server
@@ -52,6 +53,7 @@ COLD = "resilient, cold start"
 ADAPTIVE = "resilient mode=adaptive"
 ADAPTIVE_COLD = "resilient mode=adaptive, cold"
 OLD = "resilient 0.1.0 breaker"
+NO_WAIT = "resilient, Retry(circuit_wait=0)"
 LOAD_TARGET = 0.2
 """Server requests per call during outages of 4 s and more."""
 FIRST_SUCCESS_TARGET = 1.5
@@ -68,16 +70,25 @@ def _outages(cfg: Config) -> tuple[float, ...]:
 
 
 class _Breaker(Client):
-    """resilient's chain with its defaults, the breaker built by ``breaker()``."""
+    """resilient's chain with its defaults, the breaker built by ``breaker()`` (and the
+    Retry by ``retry()`` when given)."""
 
-    def __init__(self, breaker: Callable[[], Any], scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        breaker: Callable[[], Any],
+        scale: float = 1.0,
+        retry: Callable[[], Any] | None = None,
+    ) -> None:
         super().__init__(scale)
         self.breaker = breaker
+        self.retry = retry
 
     def _session(self) -> aiohttp.ClientSession:
         import resilient
 
         retry, _, backoff, throttle = build_policies(ResilientOptions(), self.scale)
+        if self.retry is not None:
+            retry = self.retry()
         return resilient.session(retry, self.breaker(), backoff, throttle)
 
 
@@ -87,11 +98,23 @@ def _breaker(**kwargs: Any) -> Callable[[], Any]:
     return partial(resilient.CircuitBreaker, **kwargs)
 
 
+def _client(kwargs: dict[str, Any]) -> Callable[[], Client]:
+    """The chain with ``CircuitBreaker(**kwargs)``; a ``"retry"`` entry holds Retry's."""
+    import resilient
+
+    kwargs = dict(kwargs)
+    retry = kwargs.pop("retry", None)
+    make_retry = None if retry is None else partial(resilient.Retry, **retry)
+    return partial(_Breaker, _breaker(**kwargs), retry=make_retry)
+
+
 OLD_BREAKER = {
     "failure_ratio": 0.5, "min_calls": 10, "window": 30.0, "open_for": 30.0,
     "consecutive_failures": None,
 }  # fmt: skip
 """The defaults of 0.1.0 (the issue's starting point)."""
+NO_WAIT_RETRY = {"circuit_wait": 0.0}
+"""Retry failing fast on every CircuitOpenError (before short breaks were waited out)."""
 
 
 def _runs(cfg: Config) -> list[tuple[ClientSpec, float]]:
@@ -103,6 +126,7 @@ def _runs(cfg: Config) -> list[tuple[ClientSpec, float]]:
     if not (cfg.quick or cfg.tiny):
         extra.append((ClientSpec(ADAPTIVE_COLD, adaptive.factory), COLD_LEAD))
         extra.append((ClientSpec(OLD, partial(_Breaker, _breaker(**OLD_BREAKER))), LEAD))
+        extra.append((ClientSpec(NO_WAIT, _client({"retry": NO_WAIT_RETRY})), LEAD))
     runs[2:2] = extra
     return runs
 
@@ -132,7 +156,8 @@ def measure(factory: Any, lead: float, outage: float, rate: float) -> dict[str, 
     start, end = lead, lead + outage
     calls = sum(1 for o in outcomes if start <= o.start - t0 < end)
     first = min((t for t, status in log if t >= end and 200 <= status < 300), default=math.inf)
-    fast = [o.wall * 1e6 for o in outcomes if o.error == "CircuitOpenError"]
+    refused = [o for o in outcomes if o.error == "CircuitOpenError"]
+    fast = [o.wall * 1e6 for o in refused if o.end == o.start]  # refused without a wait
     during = sum(1 for t, _ in log if start <= t < end)
     return {
         "server req / call in outage": during / calls,
@@ -143,7 +168,7 @@ def measure(factory: Any, lead: float, outage: float, rate: float) -> dict[str, 
         "ok": sum(1 for o in outcomes if o.ok),
         "ok vs aiohttp": sum(1 for o in outcomes if o.ok) - (len(outcomes) - calls),
         "first success after s": first - end,
-        "failed fast": len(fast),
+        "refused": len(refused),
         "fast": fast,
         "log": log,
     }
@@ -170,7 +195,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
                     "first success after s": m["first success after s"],
                     "ok % overall": 100.0 * m["ok"] / m["calls"],
                     "ok vs aiohttp": m["ok vs aiohttp"],
-                    "failed fast": m["failed fast"],
+                    "CircuitOpenError": m["refused"],
                 }
             )
             if outage == OUTAGE and lead == LEAD:
@@ -187,6 +212,11 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "CircuitBreaker() and RetryBudget(0.2, 10/s) defaults). Cold: the outage starts "
             f"{COLD_LEAD:g} s after the first call."
             + (f" '{OLD}': CircuitBreaker({_kwargs(OLD_BREAKER)})." if OLD in _labels(rows) else "")
+            + (
+                f" '{NO_WAIT}': every CircuitOpenError fails the call at once."
+                if NO_WAIT in _labels(rows)
+                else ""
+            )
         ),
         columns=list(rows[0]),
         rows=rows,
@@ -197,15 +227,29 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "end to the first 2xx the server sent (virtual seconds). ok vs aiohttp: calls ok "
             "minus raw aiohttp's on the same schedule (every call outside the outage; "
             "negative: worse than no policy).",
-            "A breaker cannot know the upstream is back before a request succeeds: the calls "
-            "it refuses between the recovery and its next probe are lost (at most max_open_for "
-            "× the call rate), while raw aiohttp loses none there. Retries cannot make up for "
-            "them: a retry refused by the open breaker (CircuitOpenError) is not retried.",
-            "fail-fast µs (caller-seen, wall clock, through aiohttp's session.get on a busy "
-            f"loop): p50 {median(fail_fast):.1f}, p90 {percentile(fail_fast, 0.9):.1f} over "
-            f"{len(fail_fast)} calls; the policy's own cost is in 1b.",
+            "A breaker cannot know the upstream is back before a request succeeds. Retry waits "
+            "out a short break (CircuitOpenError.retry_after <= Retry(circuit_wait=1 s); each "
+            "refusal uses an attempt, nothing was sent) and tries again, so the calls refused "
+            "between the recovery and the probe's success are not lost, and calls started in "
+            "the outage's last seconds succeed after it. CircuitOpenError: calls that still "
+            "ended refused (after up to attempts - 1 breaks).",
+            _fail_fast_note(fail_fast),
         ],
         series={**series, "fail_fast_us": fail_fast},
+    )
+
+
+def _fail_fast_note(fail_fast: Sequence[float]) -> str:
+    """The wall-clock cost of the calls refused without a wait (none when every break is
+    short enough for Retry to wait out)."""
+    if not fail_fast:
+        return ("fail-fast µs: no call was refused without a wait here (Retry waits out "
+                "short breaks); a long break's fail-fast cost is in 1b.")  # fmt: skip
+    return (
+        "fail-fast µs (calls refused without a wait; caller-seen, wall clock, through "
+        f"aiohttp's session.get on a busy loop): p50 {median(fail_fast):.1f}, p90 "
+        f"{percentile(fail_fast, 0.9):.1f} over {len(fail_fast)} calls; the policy's own "
+        "cost is in 1b."
     )
 
 
@@ -235,7 +279,7 @@ def _targets(rows: Sequence[dict[str, Any]]) -> list[Target]:
                f"{worst['ok vs aiohttp']:+d} calls (worst: {worst['outage s']:g} s, "
                f"{worst['client']})",
                None if worst is None else worst["ok vs aiohttp"] >= 0,
-               "the calls refused between the upstream's return and the next probe"),
+               "calls refused past their last attempt while the upstream was back"),
     ]  # fmt: skip
 
 
@@ -250,14 +294,25 @@ SWEEP: dict[str, dict[str, Any]] = {
     "open_for=0.5 max=1": {"open_for": 0.5, "max_open_for": 1.0},
     "open_for=0.5 max=1.5": {"open_for": 0.5, "max_open_for": 1.5},
     "open_for=0.5 max=2": {"open_for": 0.5, "max_open_for": 2.0},
+    "open_for=0.5 max=2, Retry(circuit_wait=2)": {
+        "open_for": 0.5,
+        "max_open_for": 2.0,
+        "retry": {"circuit_wait": 2.0},
+    },
     "open_for=1 max=1": {"open_for": 1.0, "max_open_for": 1.0},
     "open_for=1 max=4": {"open_for": 1.0, "max_open_for": 4.0},
+    "open_for=1 max=4, Retry(circuit_wait=4)": {
+        "open_for": 1.0,
+        "max_open_for": 4.0,
+        "retry": {"circuit_wait": 4.0},
+    },
     "open_for=1 max=30": {"open_for": 1.0, "max_open_for": 30.0},
     "window=5": {"window": 5.0},
     "consecutive=5": {"consecutive_failures": 5},
     "consecutive=20": {"consecutive_failures": 20},
     "consecutive off": {"consecutive_failures": None},
     "0.1.0 defaults": OLD_BREAKER,
+    "Retry(circuit_wait=0)": {"retry": NO_WAIT_RETRY},
 }
 
 
@@ -273,7 +328,7 @@ def sweep(outages: Sequence[float] = OUTAGES, seeds: int = 3, rate: float = 100.
                 got = []
                 for seed in range(seeds):
                     random.seed(seed)
-                    got.append(measure(partial(_Breaker, _breaker(**kwargs)), lead, outage, rate))
+                    got.append(measure(_client(kwargs), lead, outage, rate))
                 load = sum(m["server req / call in outage"] for m in got) / len(got)
                 first = max(m["first success after s"] for m in got)
                 diff = sum(m["ok vs aiohttp"] for m in got) / len(got)
