@@ -37,6 +37,7 @@ import math
 
 __all__ = [
     "BETA",
+    "BUCKETS",
     "CUBIC_C",
     "DOUBLING",
     "MIN_RATE",
@@ -66,7 +67,9 @@ MIN_RATE = 0.01
 SLOW_START_MIN = 1.0
 """Requests per second: slow start begins at this rate (a key's first 429 comes before
 anything was measured)."""
-_BUCKETS = 4
+BUCKETS = 4
+"""Buckets of the ring the accepted rate is measured in (``SPAN`` / ``BUCKETS`` s each)."""
+_BUCKETS = BUCKETS
 _WIDTH = SPAN / _BUCKETS
 PLATEAU = 0.98
 """CUBIC's plateau ``W`` is ``PLATEAU`` × the accepted rate (just below it)."""

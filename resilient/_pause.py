@@ -88,16 +88,20 @@ class PauseGate:
     ``learned``: the key's learned rate (None until its first 429 or advertised limit).
     ``streak``: the key's 429s since its last success (the backoff floor's exponent).
     ``next_slot``: loop time the next paced departure is due (see :meth:`depart`).
+    With shared storage the rate and the departures live in Redis: ``shared_rate`` is
+    the key's rate there as last heard (0.0: not paced), ``cuts_seen`` its cuts.
     """
 
     __slots__ = (
         "_departures",
         "_waiters",
         "closed",
+        "cuts_seen",
         "flying",
         "learned",
         "next_slot",
         "probing",
+        "shared_rate",
         "spread",
         "spread_until",
         "streak",
@@ -117,13 +121,16 @@ class PauseGate:
         """An advertised limit's rate (remaining / seconds to its reset) ..."""
         self.spread_until = 0.0
         """... until this loop time (its reset)."""
+        self.shared_rate = 0.0
+        self.cuts_seen = 0
         self._waiters: deque[_Waiter] = deque()
         self._departures: deque[_Waiter] | None = None  # created by the first queued caller
 
     @property
     def paced(self) -> bool:
-        """Callers take departure slots (a learned rate, or an advertised spread)."""
-        return self.learned is not None or self.spread_until > 0.0
+        """Callers take departure slots (a learned rate, here or in Redis, or an
+        advertised spread)."""
+        return self.learned is not None or self.spread_until > 0.0 or self.shared_rate > 0.0
 
     def learn(self, now: float, ceiling: float = math.inf) -> LearnedRate:
         """The key's learned rate, created on first use."""
@@ -137,6 +144,8 @@ class PauseGate:
         (``inf``: not paced)."""
         learned = self.learned
         rate = math.inf if learned is None else learned.rate(now)
+        if self.shared_rate:
+            rate = self.shared_rate
         if self.spread_until:
             if now >= self.spread_until:  # the advertised reset: one probe reads the rest
                 self.spread, self.spread_until = math.inf, 0.0

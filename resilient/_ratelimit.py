@@ -37,14 +37,15 @@ from ._deadline import allowance, mark_start
 from ._errors import RateLimited
 from ._headers import advertises, parse_advertised, retry_hint
 from ._keys import KeyFunc, by_host
+from ._learned import SLOW_START_MIN
 from ._log import logger
-from ._pause import MAX_PAUSE, PauseGate, PauseTooLong
+from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate, PauseTooLong
 from ._policy import Policy
 from ._replay import body_replayable
 from ._state import DEFAULT_MAX_KEYS, KeyedState
 from ._stats import PauseStats
 from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
-from .storage._pause import PROBE_POLL, SharedPause
+from .storage._pause import PROBE_POLL, Admission, SharedPause
 
 __all__ = [
     "DEFAULT_BASE",
@@ -224,9 +225,10 @@ class RateLimitBackoff(Policy):
         # The call's start bounds waits by aiohttp's total timeout; without one it is unused.
         total = request.session.timeout.total
         started = mark_start(request, _clock.now_for(request)) if total else 0.0
+        departed = False
         if self._shared is not None and (gate is None or not gate.closed):
-            gate = await self._adopt(key, gate)
-        if gate is not None and (gate.closed or gate.paced):
+            gate, departed = await self._admit(request, key, gate, started)
+        if gate is not None and (gate.closed or (gate.paced and not departed)):
             return await self._backoff(request, handler, key, started, None, 0)
         if gate is None:
             resp, cuts = await handler(request), 0
@@ -238,15 +240,56 @@ class RateLimitBackoff(Policy):
             return await self._backoff(request, handler, key, started, resp, cuts)
         return resp
 
-    async def _adopt(self, key: str, gate: PauseGate | None) -> PauseGate | None:
-        """Close ``key``'s local gate if another process paused it (one round trip)."""
+    async def _admit(
+        self, request: ClientRequest, key: str, gate: PauseGate | None, started: float
+    ) -> tuple[PauseGate | None, bool]:
+        """One round trip to Redis before a request of ``key`` (not paused here): close
+        the local gate if another process paused the key; if the key is paced there, wait
+        for the departure slot Redis gave us (True: departed; RateLimited if it lies
+        beyond what the caller may wait, nothing sent)."""
         assert self._shared is not None
-        left = await self._shared.check(key)
-        if left is None:
-            return gate
+        now = _clock.now()
+        bound = self._departure_bound(request, started, now)
+        admission = await self._shared.admit(key, self._ceiling, bound - now)
+        if admission.verdict == "open":
+            if gate is not None:
+                gate.shared_rate = 0.0
+            return gate, False
         gate = self._gates.get_or_create(key)
-        gate.pause(left, probe=False)
-        return gate
+        if admission.verdict == "paused":
+            gate.pause(admission.seconds, probe=False)
+            return gate, False
+        await self._leave(key, gate, admission)
+        return gate, True
+
+    async def _shared_departure(self, key: str, gate: PauseGate, bound: float) -> None:
+        """A paced departure after a pause, its slot reserved in Redis (one round trip);
+        an advertised spread (this process's) still applies when Redis does not pace."""
+        assert self._shared is not None
+        admission = await self._shared.depart(key, self._ceiling, bound - _clock.now())
+        if admission.verdict == "open":
+            gate.shared_rate = 0.0
+            if gate.paced:  # an advertised spread
+                with _waiting(key):
+                    await gate.depart(bound)
+            return
+        await self._leave(key, gate, admission)
+
+    @staticmethod
+    async def _leave(key: str, gate: PauseGate, admission: Admission) -> None:
+        """Wait for the departure slot ``admission`` reserved (``go``), or RateLimited
+        (``late``: nothing was reserved, nothing is sent)."""
+        gate.shared_rate, gate.cuts_seen = admission.rate, admission.cuts
+        if admission.verdict == "late":
+            raise RateLimited(key, admission.seconds)
+        if admission.seconds > DUE_SLACK:
+            with _metrics.waiting(_KIND, key, 429):
+                await _clock.sleep(admission.seconds)
+
+    def _departure_bound(self, request: ClientRequest, started: float, now: float) -> float:
+        """The loop time a paced departure must not pass: ``max_wait`` from now, or the
+        caller's allowance (deadline, aiohttp's total timeout)."""
+        return min(now + allowance(request, started), now + self._max_wait)
 
     async def _share_pause(
         self, key: str, gate: PauseGate, delay: float, resp: ClientResponse, probe: bool
@@ -307,9 +350,17 @@ class RateLimitBackoff(Policy):
         gate.spread_until = now + min(reset, MAX_PAUSE)
         gate.next_slot = max(gate.next_slot, now + 1.0 / gate.spread)
 
-    def _learn(self, gate: PauseGate, cuts: int) -> None:
+    def _learn(self, key: str, gate: PauseGate, cuts: int) -> None:
         """A 429 to a request sent after ``cuts`` cuts: if it is news, cut the key's rate
-        and lengthen its streak."""
+        and lengthen its streak. Shared: Redis cuts (in the background, if it is news
+        there); the key is paced from now on."""
+        if self._shared is not None:
+            if cuts == gate.cuts_seen:
+                gate.cuts_seen += 1
+                gate.streak += 1
+            gate.shared_rate = gate.shared_rate or SLOW_START_MIN
+            self._shared.cut(key, cuts, self._ceiling)
+            return
         now = _clock.now()
         learned = gate.learn(now, self._ceiling)
         if learned.counts(cuts):
@@ -338,7 +389,7 @@ class RateLimitBackoff(Policy):
             front = False
             if resp is not None:  # a 429: pause the key, then give up or wait our turn
                 strikes += 1
-                self._learn(gate, cuts)
+                self._learn(key, gate, cuts)
                 if await self._pause(request, key, gate, resp, probe, latest, strikes):
                     return resp
                 probe = False
@@ -356,8 +407,12 @@ class RateLimitBackoff(Policy):
             if not probe and gate.paced:
                 paced_at = _clock.now()
                 # max_wait bounds the pause; the departure after it is bounded on its own
-                with _waiting(key):
-                    await gate.depart(min(hard, paced_at + self._max_wait))
+                bound = min(hard, paced_at + self._max_wait)
+                if self._shared is not None:
+                    await self._shared_departure(key, gate, bound)
+                else:
+                    with _waiting(key):
+                        await gate.depart(bound)
                 waited += _clock.now() - paced_at
                 if gate.closed:  # a 429 paused the key while we waited for our slot
                     resp = None
@@ -427,7 +482,10 @@ class RateLimitBackoff(Policy):
         """One attempt; its response and the cuts it was sent after. A probe's answer
         that is not a 429 opens the gate; an error hands the probe role on."""
         learned = gate.learned
-        cuts = 0 if learned is None else learned.cuts
+        if self._shared is not None:
+            cuts = gate.cuts_seen
+        else:
+            cuts = 0 if learned is None else learned.cuts
         gate.flying += 1
         try:
             resp = await handler(request)
@@ -445,9 +503,11 @@ class RateLimitBackoff(Policy):
         if probe:
             gate.open()  # sending resumes; the probe's answer is the first it counts
             if self._shared is not None:
-                self._shared.opened(key)  # in the background
+                self._shared.opened(key)  # in the background, with the shared rate
         elif learned is not None:
             learned.accepted(_clock.now())
+        elif gate.shared_rate and self._shared is not None:
+            self._shared.accepted(key)  # counted in the next batch
         self._heed(key, resp)
         return resp, cuts
 

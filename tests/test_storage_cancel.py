@@ -134,7 +134,8 @@ async def test_a_caller_cancelled_while_claiming_the_probe_frees_it(server, redi
     other = RateLimitBackoff(storage=redis_url)
     assert other._shared is not None
     assert mine._shared is not None
-    await mine._shared.check("warm-up")  # loads the script
+    await mine._shared.claim("warm-up")  # loads the scripts
+    await mine._shared.admit("warm-up", 1.0, 1.0)
     await other._shared.pause(server.url, 0.0)  # paused; a probe is due now
     direct = redis.asyncio.Redis.from_url(redis_url)
     key = f"resilient:pause/{{{server.url}}}"

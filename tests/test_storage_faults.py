@@ -158,7 +158,8 @@ async def test_a_claim_overtaken_by_its_release_probes_nothing(server, redis_url
     assert mine._shared is not None
     assert other._shared is not None
     key = server.url
-    await mine._shared.check("warm-up")  # loads the script
+    await mine._shared.claim("warm-up")  # loads the scripts
+    await mine._shared.admit("warm-up", 1.0, 1.0)
     await other._shared.pause(key, 0.0)  # paused in Redis; a probe is due now
     async with aiohttp.ClientSession(middlewares=(mine,)) as session:
         proxy.hold_command(arg("claim"))

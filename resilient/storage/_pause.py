@@ -4,8 +4,8 @@ Redis holds, per key, the pause's end on Redis's own clock and the probe's owner
 (``lua/pause.lua``). Each process keeps its local :class:`~resilient._pause.PauseGate`
 (its queue of callers and its local probe) and syncs it with Redis:
 
-- before a request of a key that is not paused locally: ``check`` (one round trip);
-  a pause found there closes the local gate for the time left;
+- before a request of a key that is not paused locally: ``admit`` (one round trip, in
+  ``lua/rate.lua``, below); a pause found there closes the local gate for the time left;
 - a 429: ``pause`` extends the shared end; the local gate closes until then;
 - the local probe, before it sends: ``claim``, under a token of its own (a fresh name
   for every claim). Exactly one claim of all gets ``probe`` (atomic in Redis, leased
@@ -22,6 +22,17 @@ before its claim (the claim's command was overtaken) makes that claim probe noth
 release that gets no answer (Redis down) is sent again with this process's next claim
 of the key, so the key is not blocked for the lease once Redis is back.
 
+The key's learned rate (:mod:`resilient._learned`'s law, mirrored in ``lua/rate.lua``)
+and its departure slots live in Redis too, so every process paces the key together:
+
+- ``admit``, the one round trip before a request of a key not paused here, reads the
+  pause and, for a paced key, reserves the caller's departure slot (``go`` in ``wait``
+  seconds, or ``late``: beyond what the caller may wait, nothing reserved);
+- ``depart``: a slot after a pause (the probe has answered);
+- a 429 cuts the rate (``cut``, in the background; once per round, by the cuts its request
+  was sent after); answers that are not 429s are counted in batches (``accepted``); the
+  probe's answer resumes sending (with ``opened``).
+
 Only durations cross the wire (seconds left, computed in Redis), so clock skew
 between hosts does not move a pause.
 """
@@ -29,9 +40,10 @@ between hosts does not move a pause.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from .. import _clock
 from .._errors import StorageError
@@ -39,7 +51,15 @@ from .._pause import MAX_PAUSE
 from . import OnStorageError
 from ._redis import KEY_PREFIX, RedisStore, seconds, tag, text
 
-__all__ = ["PROBE_LEASE", "PROBE_POLL", "UNRELEASED_KEYS", "SharedPause", "Verdict"]
+__all__ = [
+    "ACCEPTED_FLUSH",
+    "PROBE_LEASE",
+    "PROBE_POLL",
+    "UNRELEASED_KEYS",
+    "Admission",
+    "SharedPause",
+    "Verdict",
+]
 
 PROBE_LEASE = 120.0
 """Seconds a probe may stay unanswered before another client may probe."""
@@ -48,6 +68,8 @@ PROBE_POLL = 0.5
 
 UNRELEASED_KEYS = 1024
 """Keys whose unanswered releases are remembered at once (the oldest key is dropped)."""
+ACCEPTED_FLUSH = 0.1
+"""Seconds between two batches of accepted answers sent to a paced key's shared rate."""
 
 T = TypeVar("T")
 Verdict = Literal["open", "paused", "busy", "probe"]
@@ -55,14 +77,29 @@ _VERDICTS = ("open", "paused", "busy", "probe")
 _KIND = "rate_limit_backoff"
 
 
+class Admission(NamedTuple):
+    """A reply of ``admit`` / ``depart``: ``verdict`` ``"paused"`` (``seconds`` left),
+    ``"open"`` (not paced), ``"go"`` (our departure slot is in ``seconds``) or ``"late"``
+    (the slot would be ``seconds`` away: nothing reserved); the key's shared ``cuts``
+    and ``rate`` (0.0: not paced)."""
+
+    verdict: Literal["paused", "open", "go", "late"]
+    seconds: float
+    cuts: int = 0
+    rate: float = 0.0
+
+
+_OPEN = Admission("open", 0.0)
+
+
 class SharedPause:
     """The Redis side of every key's pause for one :class:`~resilient.RateLimitBackoff`.
 
     With ``on_error="allow"``, a Redis failure leaves the local gate alone in charge
-    (``check``: not paused; ``pause``: the local delay; ``claim``: ``probe``).
+    (``admit``: not paused, not paced; ``pause``: the local delay; ``claim``: ``probe``).
     """
 
-    __slots__ = ("_held", "_on_error", "_store", "_tasks", "_unreleased")
+    __slots__ = ("_accepted", "_flusher", "_held", "_on_error", "_store", "_tasks", "_unreleased")
 
     def __init__(self, store: RedisStore, on_error: OnStorageError) -> None:
         self._store = store
@@ -72,16 +109,9 @@ class SharedPause:
         self._unreleased: dict[str, dict[str, float]] = {}
         """key -> {token whose release got no answer: loop time its lease ends}."""
         self._tasks: set[asyncio.Task[None]] = set()
-
-    async def check(self, key: str) -> float | None:
-        """Seconds until ``key``'s shared pause ends (0: a probe is due), None if not paused."""
-        try:
-            left: float | None = await self._store.run(
-                "pause", [_keys(key)], ["check", "", 0.0], _left
-            )
-        except StorageError as exc:
-            return self._fallback(exc, None)
-        return left
+        self._accepted: dict[str, int] = {}
+        """key -> answers not yet counted in the key's shared rate (see ``accepted``)."""
+        self._flusher: asyncio.Task[None] | None = None
 
     async def pause(self, key: str, delay: float, *, probe: bool = False) -> float:
         """Pause ``key`` for ``delay`` seconds at least; the seconds the shared pause lasts.
@@ -123,10 +153,30 @@ class SharedPause:
             self._held[key] = token
         return claimed
 
+    async def admit(self, key: str, ceiling: float, max_wait: float) -> Admission:
+        """Before a request of ``key`` (not paused here): the shared pause's time left,
+        or for a paced key this caller's departure slot (see the module docstring)."""
+        return await self._admission("admit", key, ceiling, max_wait)
+
+    async def depart(self, key: str, ceiling: float, max_wait: float) -> Admission:
+        """A departure slot of paced ``key`` after a pause (``open``: not paced)."""
+        return await self._admission("depart", key, ceiling, max_wait)
+
+    def cut(self, key: str, cuts: int, ceiling: float) -> None:
+        """A 429 to a request sent after ``cuts`` shared cuts: cut the shared rate if it
+        is news (the first 429 of a key starts its slow start), in the background."""
+        self._background(self._rate_op(key, "cut", ceiling, cuts))
+
+    def accepted(self, key: str) -> None:
+        """An answer of paced ``key`` that was not a 429: counted in the next batch."""
+        self._accepted[key] = self._accepted.get(key, 0) + 1
+        if self._flusher is None:
+            self._flusher = self._background(self._flush())
+
     def opened(self, key: str) -> None:
-        """The probe's answer was not a 429: ``open`` in the background. A failure is
-        logged, never raised: the caller's response is in hand (the claim is released
-        later, or its lease runs out)."""
+        """The probe's answer was not a 429: ``open`` (and ``resume`` the shared rate) in
+        the background. A failure is logged, never raised: the caller's response is in
+        hand (the claim is released later, or its lease runs out)."""
         self._background(self._open(key, self._held.pop(key, "")))
 
     def release(self, key: str) -> None:
@@ -144,10 +194,40 @@ class SharedPause:
     def _release(self, key: str, token: str) -> None:
         self._background(self._free(key, token))
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _admission(self, op: str, key: str, ceiling: float, max_wait: float) -> Admission:
+        try:
+            return await self._store.run(
+                "rate", [_keys(key), _rate_key(key)], [op, "", _ceiling(ceiling), max_wait],
+                _admission,
+            )  # fmt: skip
+        except StorageError as exc:  # "allow": this process's own gate decides
+            return self._fallback(exc, _OPEN)
+
+    async def _rate_op(self, key: str, op: str, ceiling: float, x: float) -> None:
+        try:
+            await self._store.run(
+                "rate", [_keys(key), _rate_key(key)], [op, "", _ceiling(ceiling), x], _ignore
+            )
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the shared rate misses one update")
+
+    async def _flush(self) -> None:
+        """Send the accepted answers in batches, one round trip per key every
+        :data:`ACCEPTED_FLUSH` seconds, until none are left."""
+        try:
+            while self._accepted:
+                await _clock.sleep(ACCEPTED_FLUSH)
+                batch, self._accepted = self._accepted, {}
+                for key, count in batch.items():
+                    await self._rate_op(key, "accepted", math.inf, count)
+        finally:
+            self._flusher = None
 
     async def _open(self, key: str, token: str) -> None:
         try:
@@ -156,6 +236,8 @@ class SharedPause:
             self._store.warn(_KIND, exc, _clock.now(), "the response is returned")
             if token:
                 self._release(key, token)
+            return
+        await self._rate_op(key, "resume", math.inf, 0.0)
 
     async def _free(self, key: str, token: str) -> None:
         try:
@@ -186,11 +268,6 @@ class SharedPause:
         return value
 
 
-def _left(reply: Any) -> float | None:
-    """``check``: -1 (not paused) -> None, else the seconds left (at most MAX_PAUSE)."""
-    return None if float(reply) == -1 else seconds(reply, MAX_PAUSE)
-
-
 def _lasts(reply: Any) -> float:
     return seconds(reply, MAX_PAUSE)
 
@@ -202,9 +279,32 @@ def _verdict(reply: Any) -> tuple[Verdict, float]:
     return verdict, seconds(reply[1], MAX_PAUSE) if len(reply) > 1 else 0.0  # type: ignore[return-value]
 
 
+def _admission(reply: Any) -> Admission:
+    verdict = text(reply[0])
+    if verdict == "paused":
+        return Admission("paused", seconds(reply[1], MAX_PAUSE))
+    if verdict == "open":
+        return Admission("open", 0.0, int(text(reply[2])))
+    if verdict not in ("go", "late"):
+        raise ValueError(verdict)
+    rate = float(text(reply[3]))
+    if not 0.0 < rate < math.inf:
+        raise ValueError(rate)
+    return Admission(verdict, seconds(reply[1], MAX_PAUSE), int(text(reply[2])), rate)  # type: ignore[arg-type]
+
+
 def _ignore(reply: Any) -> None:
     return None
 
 
+def _ceiling(rate: float) -> str | float:
+    """A rate ceiling as the script reads it ('' for none)."""
+    return "" if rate == math.inf else rate
+
+
 def _keys(key: str) -> str:
     return f"{KEY_PREFIX}:pause/{tag(key)}"
+
+
+def _rate_key(key: str) -> str:
+    return f"{KEY_PREFIX}:rate/{tag(key)}"

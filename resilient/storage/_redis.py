@@ -78,7 +78,22 @@ def tag(key: str) -> str:
 
 
 def _script(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    """``lua/<name>.lua``, with the learned-rate law's constants written into its
+    ``--@CONSTANTS`` line (one source of truth: :mod:`resilient._learned`)."""
+    source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return source.replace("--@CONSTANTS", _learned_constants(), 1)
+
+
+def _learned_constants() -> str:
+    from .. import _learned as law
+
+    names = ("BETA", "PLATEAU", "CUBIC_C", "DOUBLING", "SPAN", "MIN_SPAN", "MIN_RATE")
+    lines = [f"local {name} = {getattr(law, name)!r}" for name in names]
+    lines += [
+        f"local SLOW_START_MIN = {law.SLOW_START_MIN!r}",
+        f"local BUCKETS = {law.BUCKETS!r}",
+    ]
+    return "\n".join(lines)
 
 
 class RedisStore:

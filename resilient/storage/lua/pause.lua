@@ -4,7 +4,6 @@
 --                released before their claim arrived}. No hash: not paused.
 -- ARGV[1] op, ARGV[2] token (a claim's name; '' for none), ARGV[3] seconds (delay or
 -- lease), ARGV[4..] (claim) tokens of this client whose release never got an answer.
---   check            -> -1 if not paused, else seconds until the pause ends (0: a probe is due)
 --   pause  delay     -> extend the pause to now + delay at least (a 429; from the probe, its
 --                       token, it also ends that claim); returns seconds until it ends
 --   claim  lease     -> {"open"} | {"paused", s} | {"busy", s} (another claim probes) |
@@ -36,10 +35,7 @@ local function is_gone(name)
   return gone and string.find(' ' .. gone .. ' ', ' ' .. name .. ' ', 1, true) ~= nil
 end
 
-if op == 'check' then
-  if untl < 0 then return '-1' end
-  return tostring(math.max(0, untl - now))
-elseif op == 'pause' then
+if op == 'pause' then
   untl = math.max(untl, now + seconds)
   redis.call('HSET', key, 'until', tostring(untl))
   free(token)

@@ -1,0 +1,141 @@
+"""The learned rate and its paced departures shared through Redis (storage/lua/rate.lua).
+
+The Lua law is checked against resilient._learned's on the same schedules (explicit times),
+and two RateLimitBackoff instances (each a process: they share nothing but Redis) against
+a real loopback server, in real time with small numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from resilient import RateLimitBackoff
+from resilient._learned import SLOW_START_MIN, LearnedRate
+from resilient.storage._redis import RedisStore
+
+pytestmark = pytest.mark.timeout(60)
+
+# (gap before the op in s, op, n): accepted n answers / a 429 / the probe answered
+ops = st.lists(
+    st.tuples(
+        st.floats(0.0, 3.0),
+        st.sampled_from(["accepted", "cut", "resume"]),
+        st.integers(1, 40),
+    ),
+    max_size=25,
+)
+
+
+async def _lua_rates(url: str, key: str, schedule, ceiling: float, probes) -> list[float]:
+    store = RedisStore(url)
+    keys = [f"test:pause/{{{key}}}", f"test:rate/{{{key}}}"]
+    bound = "" if ceiling == math.inf else ceiling
+
+    async def run(op: str, now: float, x: float) -> object:
+        return await store.run("rate", keys, [op, repr(now), bound, x])
+
+    try:
+        now, cuts, seen = 100.0, 0, []
+        await run("cut", now, 0)  # the key's first 429
+        cuts = 1
+        for gap, op, n in schedule:
+            now += gap
+            if op == "cut":
+                await run("cut", now, cuts)
+                cuts += 1
+            else:
+                await run(op, now, n)
+            for probe in probes:
+                reply = await run("rate", now + probe, 0)
+                seen.append(float(reply[0]))  # type: ignore[index]
+        return seen
+    finally:
+        await store.limits.bridge.get_connection().delete(*keys)
+        await store.close()
+
+
+def _python_rates(schedule, ceiling: float, probes) -> list[float]:
+    law = LearnedRate(100.0, ceiling)
+    now, seen = 100.0, []
+    law.cut(now)
+    for gap, op, n in schedule:
+        now += gap
+        if op == "accepted":
+            for _ in range(n):
+                law.accepted(now)
+        elif op == "cut":
+            law.cut(now)
+        else:  # the probe's answer: sending resumes, and it counts
+            law.resume(now)
+            law.accepted(now)
+        seen += [law.rate(now + probe) for probe in probes]
+    return seen
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(schedule=ops, ceiling=st.one_of(st.just(math.inf), st.floats(0.5, 500.0)))
+def test_the_lua_law_is_the_python_law(redis_url, schedule, ceiling):
+    probes = (0.0, 0.7, 12.0)
+    lua = asyncio.run(_lua_rates(redis_url, "law", schedule, ceiling, probes))
+    python = _python_rates(schedule, ceiling, probes)
+    assert lua == pytest.approx(python, rel=1e-9)
+
+
+async def test_another_process_is_paced_at_the_shared_rate_from_its_first_request(redis_url):
+    """Process A earns the key's first 429 (a shared slow start from 1/s); process B,
+    which never saw a 429, leaves one by one after the shared pause, not all at once."""
+    arrivals: list[float] = []
+    first = True
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal first
+        arrivals.append(asyncio.get_running_loop().time())
+        if first:
+            first = False
+            return web.Response(status=429, headers={"Retry-After": "0.3"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/x", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    url = host + "/x"
+    a, b = RateLimitBackoff(storage=redis_url), RateLimitBackoff(storage=redis_url)
+    try:
+        async with aiohttp.ClientSession(middlewares=(a,)) as sa:
+            async with sa.get(url) as resp:  # 429, paused 0.3 s, then the probe: 200
+                assert resp.status == 200
+        await a._shared.drain()  # type: ignore[union-attr]
+        assert a.rate(host) is not None
+        async with aiohttp.ClientSession(middlewares=(b,)) as sb:
+
+            async def get() -> int:
+                async with sb.get(url) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(get() for _ in range(4)))
+        await b._shared.drain()  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+    assert statuses == [200] * 4
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals[2:])]
+    # slow start from the probe: 1/s + 2.77/s per accepted answer, so about 0.27 s, 0.15 s,
+    # 0.1 s between B's departures (unshared, B would send all four at once)
+    assert len(gaps) == 3
+    assert all(gap > 0.05 for gap in gaps), gaps
+    learned = b.rate(host)
+    assert learned is not None
+    assert learned >= SLOW_START_MIN
