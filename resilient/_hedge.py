@@ -17,7 +17,9 @@ copies <= ratio × calls + min_per_second × 10; default 0.1 and 5/s): a copy th
 does not cover is not sent, so hedging cannot double the load of a slow server.
 
 The call's own attempt runs in the caller's task, so a call answered within ``delay``
-costs a timer handle and a few comparisons, no task. A copy runs in a task of its own;
+costs a heap push and a few comparisons, no task and no timer of its own (one loop
+timer per policy serves every call, see :class:`_Schedule`). A copy runs in a task of
+its own, in the caller's context;
 when it wins, the caller's attempt is cancelled the way ``asyncio.timeout`` cancels
 (``task.cancel()``, then ``task.uncancel()`` once the cancellation came back), so a
 cancellation from outside still propagates.
@@ -26,6 +28,8 @@ cancellation from outside still propagates.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import heapq
 import math
 from typing import ClassVar
 
@@ -169,7 +173,16 @@ class Hedge(Policy):
     each copy is retried, paced and broken like any call.
     """
 
-    __slots__ = ("_balance", "_budget", "_delay", "_get", "_key", "_max_hedges", "_states")
+    __slots__ = (
+        "_balance",
+        "_budget",
+        "_delay",
+        "_get",
+        "_key",
+        "_max_hedges",
+        "_schedule",
+        "_states",
+    )
 
     kind: ClassVar[str] = _KIND
     order: ClassVar[int] = 5
@@ -200,6 +213,7 @@ class Hedge(Policy):
             lambda _key: Latencies(), _always_idle, max_keys
         )
         self._get = self._states.get
+        self._schedule = _Schedule()
 
     @property
     def delay(self) -> float | None:
@@ -253,13 +267,13 @@ class Hedge(Policy):
             self._balance.deposit(started)
         delay = self._delay if self._delay is not None else state.delay()
         race = _Race(self, request, handler, key, state, started, delay)
-        race.timer = request.loop.call_at(started + delay, race.hedge)
+        self._schedule.add(request.loop, started + delay, race)
         try:
             resp = await handler(request)
         except BaseException as exc:
             return await race.own_failed(exc)
         if race.copies is None:  # no copy went: the common case
-            race.timer.cancel()
+            race.settled = True  # its entry in the schedule is dropped when next looked at
             state.add(_clock.now_for(request) - started)
             return resp
         return race.own_answered(resp)
@@ -275,6 +289,60 @@ async def _send(handler: ClientHandlerType, request: ClientRequest) -> ClientRes
     return await handler(request)
 
 
+class _Schedule:
+    """When each race's next copy is due: a heap of ``(due, n, race)`` and one loop timer,
+    armed for the earliest entry (so a call costs a heap push, not a timer of its own).
+
+    A race that ends (answered, or settled) stays in the heap and is dropped when it
+    reaches the top: each time the timer fires it pops every ended race at the top, sends
+    the copies that are due, and re-arms for the next live entry; the heap holds at most
+    the calls of the last ``delay`` seconds. Bound to one event loop; a policy used from
+    another loop starts afresh.
+    """
+
+    __slots__ = ("at", "count", "handle", "heap", "loop")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, _Race]] = []
+        self.handle: asyncio.TimerHandle | None = None
+        self.at = math.inf
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.count = 0
+
+    def add(self, loop: asyncio.AbstractEventLoop, due: float, race: _Race) -> None:
+        if loop is not self.loop:  # first use, or another event loop
+            self.loop, self.heap, self.handle, self.at = loop, [], None, math.inf
+        self.count += 1
+        heapq.heappush(self.heap, (due, self.count, race))
+        if due < self.at:
+            self._arm(loop, due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = loop.call_at(due, self._fire, loop)
+        self.at = due
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Timer callback: drop ended races, send the copies due, re-arm."""
+        self.handle, self.at = None, math.inf
+        heap = self.heap
+        now = loop.time()
+        try:
+            while heap:
+                due, _, race = heap[0]
+                if race.settled or race.waiter is not None:
+                    heapq.heappop(heap)
+                elif due <= now:
+                    heapq.heappop(heap)
+                    race.hedge(now)  # may add the race's next copy
+                else:
+                    break
+        finally:
+            if heap and heap[0][0] < self.at and loop is self.loop:
+                self._arm(loop, heap[0][0])
+
+
 class _Race:
     """One hedged call: its own attempt (in the caller's task) against its copies (tasks).
 
@@ -286,6 +354,7 @@ class _Race:
     __slots__ = (
         "base",
         "caller",
+        "context",
         "copies",
         "delay",
         "handler",
@@ -295,7 +364,6 @@ class _Race:
         "settled",
         "started",
         "state",
-        "timer",
         "waiter",
         "winner",
         "won_by",
@@ -318,8 +386,8 @@ class _Race:
         self.state = state
         self.started = started
         self.delay = delay
-        self.caller = asyncio.current_task()
-        self.timer: asyncio.TimerHandle | None = None
+        self.caller = asyncio.current_task(request.loop)
+        self.context = contextvars.copy_context()  # the caller's: its copies run in it
         self.copies: list[tuple[asyncio.Task[ClientResponse], float]] | None = None
         self.winner: ClientResponse | None = None
         self.settled = False
@@ -327,15 +395,12 @@ class _Race:
         self.base = -1  # the caller's cancelling() count before a copy's win cancelled it
         self.won_by = 0  # the winning copy's number (1 = the first copy)
 
-    def hedge(self) -> None:
-        """Timer callback: send one more copy if the budget covers it, and arm the next."""
-        self.timer = None
-        if self.settled or self.waiter is not None:
-            return
+    def hedge(self, now: float) -> None:
+        """Its copy is due (and the race still on): send one more copy if the budget
+        covers it, and schedule the next."""
         copies = self.copies if self.copies is not None else []
         self.copies = copies
         loop = self.request.loop
-        now = _clock.now_for(self.request)
         attempt = len(copies) + 1
         balance = self.policy._balance
         if balance is not None and not balance.withdraw(now):
@@ -349,11 +414,11 @@ class _Race:
             "hedge_sent", _KIND, self.key, self.request,
             attempt=attempt, reason=f"no response after {now - self.started:.3f}s",
         )  # fmt: skip
-        task = loop.create_task(_send(self.handler, self.request))
+        task = loop.create_task(_send(self.handler, self.request), context=self.context)
         copies.append((task, now))
         task.add_done_callback(self._landed)
         if attempt < self.policy._max_hedges:
-            self.timer = loop.call_at(now + self.delay, self.hedge)
+            self.policy._schedule.add(loop, now + self.delay, self)
 
     def _landed(self, task: asyncio.Task[ClientResponse]) -> None:
         """A copy ended: the first response wins; anything after the race is released."""
@@ -394,9 +459,6 @@ class _Race:
     def _settle(self) -> None:
         """The race is over: no more copies; cancel the running ones."""
         self.settled = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         for task, _ in self.copies or ():
             task.cancel()
 
@@ -431,9 +493,6 @@ class _Race:
         winner = self.winner
         if winner is not None:
             return self._won(winner)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         copies = self.copies
         if (
             isinstance(exc, asyncio.CancelledError)

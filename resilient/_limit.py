@@ -11,12 +11,14 @@ The rule:
   freed slot goes to the head of the queue (handed over, never up for grabs), so
   waiters leave strictly first come, first served.
 - Refused at once with :class:`~resilient.LimitExceeded`, nothing sent: a caller that
-  finds ``max_queue`` callers already queued (``"queue full"``), or whose estimated
-  turn lies beyond what it may wait (``"deadline"``: :func:`resilient.deadline`,
-  aiohttp's ``ClientTimeout.total``). The estimate is ``(ahead + 1) × hold / limit``,
-  ``hold`` the key's smoothed slot-holding time (EWMA, weight :data:`HOLD_WEIGHT`); a
-  queued caller whose turn has not come when its allowance runs out leaves the queue
-  then, with ``LimitExceeded("deadline")``.
+  finds ``max_queue`` callers already queued (``"queue full"``), or that could not be
+  answered within what it may wait (``"deadline"``: :func:`resilient.deadline`,
+  aiohttp's ``ClientTimeout.total``): its expected turn, ``(ahead + 1) × hold /
+  limit``, plus one ``hold``, lies beyond its allowance; ``hold`` is the key's smoothed
+  slot-holding time (EWMA, weight :data:`HOLD_WEIGHT`; 0 before the first release). A
+  queued caller whose turn has not come when only ``hold`` of its allowance is left
+  leaves the queue then, with ``LimitExceeded("deadline")``: sent so late, it would
+  time out on the wire, after the server did the work.
 - A waiter that is cancelled (or gives up) leaves no trace: it leaves the queue, and a
   slot handed to it in the same instant goes on to the next waiter.
 """
@@ -63,17 +65,18 @@ class _Slots:
         """A slot held ``held`` seconds is free: hand it to the first live waiter."""
         hold = self.hold
         self.hold = held if hold < 0.0 else hold + HOLD_WEIGHT * (held - hold)
-        self.hand_on()
+        self.flying -= 1
+        self.admit()
 
-    def hand_on(self) -> None:
-        """Give the free slot to the head of the queue, or count it free."""
+    def admit(self) -> None:
+        """Hand free slots to the head of the queue (the slot moves with the hand-over:
+        ``flying`` counts it at once, so no newcomer can take it first)."""
         waiters = self.waiters
-        while waiters:
+        while waiters and self.flying < self.limit:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)  # the slot moves to it: flying is unchanged
-                return
-        self.flying -= 1
+                fut.set_result(None)
+                self.flying += 1
 
 
 def _idle(state: _Slots) -> bool:
@@ -195,18 +198,20 @@ class ConcurrencyLimit(Policy):
 
     async def _queue(self, request: ClientRequest, key: str, state: _Slots) -> None:
         """The slow path: refuse at once, or wait first come, first served for a slot
-        (handed over by :meth:`_Slots.hand_on`, already counted in ``flying``)."""
+        (handed over by :meth:`_Slots.admit`, already counted in ``flying``)."""
         ahead = len(state.waiters)
         if self._max_queue is not None and ahead >= self._max_queue:
             self._refuse(request, key, state, "queue full", f"max_queue={ahead} waiting")
         now = _clock.now_for(request)
         allowed = _deadline.allowance(request, _deadline.mark_start(request, now))
-        estimate = (ahead + 1) * state.hold / state.limit if state.hold >= 0.0 else 0.0
-        if allowed <= 0.0 or estimate > allowed:
+        hold = state.hold if state.hold >= 0.0 else 0.0
+        turn = (ahead + 1) * hold / state.limit
+        if allowed <= 0.0 or turn + hold > allowed:
             self._refuse(
                 request, key, state, "deadline",
-                f"turn expected in {estimate:.3f}s, {max(allowed, 0.0):.3f}s left",
+                f"turn expected in {turn:.3f}s + {hold:.3f}s held, {max(allowed, 0.0):.3f}s left",
             )  # fmt: skip
+        allowed -= hold  # past this, the turn would come too late to be answered in time
         fut: asyncio.Future[None] = request.loop.create_future()
         state.waiters.append(fut)
         try:
@@ -218,12 +223,14 @@ class ConcurrencyLimit(Policy):
                         await fut
         except BaseException as exc:
             if fut.done() and not fut.cancelled():  # a slot came with the cancel: pass it on
-                state.hand_on()
+                state.flying -= 1
+                state.admit()
             else:
                 fut.cancel()
                 _forget(state, fut)
             if isinstance(exc, TimeoutError):  # our allowance ran out in the queue
-                self._refuse(request, key, state, "deadline", f"still queued after {allowed:.3f}s")
+                detail = f"still queued after {allowed:.3f}s, {hold:.3f}s held"
+                self._refuse(request, key, state, "deadline", detail)
             raise
 
     def _refuse(

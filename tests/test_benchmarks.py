@@ -21,10 +21,12 @@ from benchmarks.scenarios import (
     day,
     flaky,
     outage,
+    overload,
     quota,
     scale,
     shared,
     storm,
+    tail,
     unknown,
 )
 
@@ -230,3 +232,25 @@ def test_cli_writes_report_json_and_a_plot(tmp_path: Path) -> None:
     assert data["machine"]["cpus"] >= 1
     assert "PASS" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "storm.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(60)
+def test_tail_sends_one_request_per_call_without_hedging_and_copies_with_it() -> None:
+    rows = rows_by_client(run("tail"))
+    raw, hedged = rows["aiohttp (no hedge)"], rows[tail.DEFAULT]
+    assert raw["server req / call"] == 1.0
+    assert raw["copies / call"] == 0.0
+    assert all(r["ok"] == r["calls"] for r in rows.values())
+    assert hedged["copies / call"] > 0  # type: ignore[operator]
+    # A copy cancelled before it reached the server is not a request there.
+    assert 1.0 < hedged["server req / call"] <= 1.0 + hedged["copies / call"]  # type: ignore[operator]
+
+
+@pytest.mark.timeout(120)
+def test_overload_reports_both_phases_of_every_client_and_the_adaptive_decision() -> None:
+    result = run("overload")
+    assert len(result.rows) == 2 * overload.units(TINY)
+    assert {r["phase"] for r in result.rows} == {"W=16 (best 320/s)", "W=8 (best 160/s)"}
+    limited = [r for r in result.rows if r["client"].startswith("ConcurrencyLimit(16, max_queue=0")]
+    assert all(r["503 at server"] == 0 for r in limited)  # never more than 16 < 4 × W sent
+    assert result.targets[-1].name.startswith("adaptive limit")

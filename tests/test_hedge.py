@@ -441,3 +441,67 @@ async def test_an_inner_middleware_that_swallows_the_cancel_still_loses(server, 
         assert task is not None
         assert task.cancelling() == 0
         assert await acquired(connector) == 0
+
+
+# --- the schedule ---------------------------------------------------------------------------
+
+
+class FakeRace:
+    """What the schedule asks of a race: is it over, and send its copy."""
+
+    def __init__(self, fired: list[tuple[str, float]], name: str) -> None:
+        self.fired, self.name = fired, name
+        self.settled = False
+        self.waiter = None
+
+    def hedge(self, now: float) -> None:
+        self.fired.append((self.name, now))
+
+
+def test_the_schedule_fires_each_race_at_its_own_due_time_and_drops_ended_ones():
+    import looptime
+
+    from resilient._hedge import _Schedule
+
+    fired: list[tuple[str, float]] = []
+    schedule = _Schedule()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        late, early, ended = (FakeRace(fired, n) for n in ("late", "early", "ended"))
+        schedule.add(loop, 1.0, late)  # type: ignore[arg-type]
+        schedule.add(loop, 0.5, early)  # type: ignore[arg-type]
+        schedule.add(loop, 0.7, ended)  # type: ignore[arg-type]
+        ended.settled = True
+        await asyncio.sleep(2.0)
+        assert not schedule.heap
+        assert schedule.handle is None
+
+    loop = looptime.new_event_loop(start=0.0)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert fired == [("early", 0.5), ("late", 1.0)]
+
+
+def test_a_hedge_used_from_another_event_loop_still_fires():
+    import looptime
+
+    from resilient._hedge import _Schedule
+
+    fired: list[tuple[str, float]] = []
+    schedule = _Schedule()
+
+    async def once(name: str) -> None:
+        loop = asyncio.get_running_loop()
+        schedule.add(loop, loop.time() + 0.5, FakeRace(fired, name))  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)
+
+    for name in ("first loop", "second loop"):
+        loop = looptime.new_event_loop(start=0.0)
+        try:
+            loop.run_until_complete(once(name))
+        finally:
+            loop.close()
+    assert [name for name, _ in fired] == ["first loop", "second loop"]

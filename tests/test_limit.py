@@ -208,6 +208,23 @@ async def test_a_turn_expected_past_the_deadline_is_refused_at_once(server, conn
 
 
 @pytest.mark.looptime
+async def test_a_caller_whose_turn_leaves_no_time_for_its_request_is_refused(server, connector):
+    server.default("/", Gauge().reply(1.0))
+    limit = ConcurrencyLimit(1)
+    async with session_with(connector, limit) as session:
+        await get(session, server.url + "/")  # a slot is held ~1 s
+        first = asyncio.create_task(get(session, server.url + "/"))
+        await until(lambda: server.count() == 2)
+        # Its turn is ~1 s away and its request takes ~1 s: 2 s > 1.5 s.
+        with resilient.deadline(1.5), pytest.raises(LimitExceeded, match="deadline"):
+            await get(session, server.url + "/late")
+        with resilient.deadline(2.5):  # 2 s <= 2.5 s: it queues, and is answered in time
+            assert await get(session, server.url + "/soon") == "status 200"
+        await first
+    assert server.count("/late") == 0
+
+
+@pytest.mark.looptime
 async def test_a_waiter_still_queued_at_its_deadline_is_refused_then(server, connector):
     server.default("/", Gauge().reply(10.0))
     loop = asyncio.get_running_loop()

@@ -12,10 +12,12 @@ from . import (
     inprocess,
     outage,
     overhead,
+    overload,
     quota,
     scale,
     shared,
     storm,
+    tail,
     unknown,
 )
 
@@ -33,6 +35,8 @@ SCENARIOS: dict[str, ModuleType] = {
         shared,
         unknown,
         advertised,
+        tail,
+        overload,
     )
 }
 
