@@ -179,14 +179,13 @@ def _limits_storage(uri: str) -> Any:
         ) from None
     from limits.storage import storage_from_string
 
-    once = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1)  # a stale pooled socket
+    options: dict[str, Any] = {
+        "socket_timeout": None,  # see the module docstring: our own timeout bounds each call
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "retry": redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 1),  # a stale socket
+    }
     return storage_from_string(
-        "async+" + uri,
-        implementation="redispy",
-        key_prefix=KEY_PREFIX,
-        socket_timeout=None,  # see the module docstring: our own timeout bounds each call
-        socket_connect_timeout=SOCKET_TIMEOUT,
-        retry=once,  # type: ignore[arg-type]
+        "async+" + uri, implementation="redispy", key_prefix=KEY_PREFIX, **options
     )
 
 
