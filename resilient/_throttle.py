@@ -8,12 +8,13 @@ first come, first served, and no departure time is fixed in advance, so a
 waiter that is cancelled (or gives up) hands its place to the ones behind it.
 Only the head of the queue sleeps, until its token is due.
 
-``quotas`` adds ``limits`` moving windows (``"200/minute;5000/day"``): once it
-has its token, a request goes only if every window has room for it, counting the
-key's requests still in flight, and takes its slot when its attempt ends, so a
+``quotas`` adds moving windows in ``limits``' notation (``"200/minute;5000/day"``):
+once it has its token, a request goes only if every window has room for it, counting
+the key's requests still in flight, and takes its slot when its attempt ends, so a
 window of server arrivals is never exceeded (see :mod:`resilient._quota`). Else it
 stays at the head of the queue until the windows' reset time, or until an
-in-flight request of the key ends (then it looks again).
+in-flight request of the key ends (then it looks again). In memory the windows are
+read and written synchronously (no await); shared ones through Redis are awaited.
 
 A wait that would end past what the caller may wait (:func:`resilient.deadline`,
 aiohttp's ``ClientTimeout.total``) is not started: :class:`~resilient.DeadlineExceeded`.
@@ -134,6 +135,7 @@ class Throttle(Policy):
         "_follows",
         "_get",
         "_key",
+        "_local",
         "_min_rate",
         "_quotas",
         "_rate",
@@ -170,6 +172,8 @@ class Throttle(Policy):
         self._storage = check("Throttle", storage)
         on_error = check_on_storage_error("Throttle", on_storage_error)
         self._quotas = None if quotas is None else _quotas(quotas, self._storage, on_error)
+        # in memory: the synchronous fast path (a SharedQuotas is awaited)
+        self._local = self._quotas if type(self._quotas) is Quotas else None
         self._states: KeyedState[_Key] = KeyedState(
             lambda _key: _Key(self._rate, self._burst, _clock.now()),
             self._idle,
@@ -244,33 +248,21 @@ class Throttle(Policy):
         if state.learned is not None:
             state.steer(now, self._min_rate)
         quotas = self._quotas
-        if (
-            state.waiters
-            or state.take(now)
-            or (quotas is not None and not await _first_slot(quotas, key, state))
-        ):
+        if state.waiters or state.take(now):
             await self._wait(request, key, state, now)
-        if quotas is not None:
-            return await self._counted(request, handler, key, state, quotas)
-        if not self._adaptive or self._follows is not None:
-            return await handler(request)
-        learned = state.learned or self._learn(state)
-        cuts = learned.cuts
-        resp = await handler(request)
-        self._adapt(state, learned, cuts, resp.status)
-        return resp
-
-    async def _counted(
-        self,
-        request: ClientRequest,
-        handler: ClientHandlerType,
-        key: str,
-        state: _Key,
-        quotas: Quotas,
-    ) -> ClientResponse:
-        """Send a request counted in flight; when the attempt ends (whatever the outcome:
-        it may have reached the server), take its slot in every window, then let the
-        head of the queue look again."""
+        elif quotas is not None:
+            local = self._local
+            if local is not None:
+                if local.room_at(key, state.flying, now)[0]:
+                    state.give_back()  # the head of the queue takes it when the window has room
+                    await self._wait(request, key, state, now)
+                else:
+                    state.flying += 1
+            elif not await _first_slot(quotas, key, state):
+                await self._wait(request, key, state, now)
+        # With quotas the request is now counted in flight: when the attempt ends (whatever
+        # the outcome: it may have reached the server), it takes its slot in every window,
+        # then lets the head of the queue look again.
         try:
             if not self._adaptive or self._follows is not None:
                 return await handler(request)
@@ -280,10 +272,15 @@ class Throttle(Policy):
             self._adapt(state, learned, cuts, resp.status)
             return resp
         finally:
-            try:
-                await quotas.record(key)
-            finally:
-                _land(state)
+            if quotas is not None:
+                local = self._local
+                try:
+                    if local is not None:
+                        local.record_at(key, _clock.now_for(request))
+                    else:
+                        await quotas.record(key)
+                finally:
+                    _land(state)
 
     def _learn(self, state: _Key) -> LearnedRate:
         """The key's learned rate, measuring from its first request on (so its first 429
@@ -338,7 +335,11 @@ class Throttle(Policy):
             if quotas is None:
                 state.take(now)
                 return
-            delay, reason = await _board(quotas, key, state)
+            local = self._local
+            if local is not None:
+                delay, reason = _board_at(local, key, state, now)
+            else:
+                delay, reason = await _board(quotas, key, state)
             if not delay:
                 state.take(_clock.now())
                 return
@@ -394,6 +395,14 @@ async def _board(quotas: Quotas, key: str, state: _Key) -> tuple[float, str]:
         raise
     if wait[0]:
         state.flying -= 1
+    return wait
+
+
+def _board_at(quotas: Quotas, key: str, state: _Key, now: float) -> tuple[float, str]:
+    """:func:`_board` on windows in memory, at ``now`` (nothing yields in between)."""
+    wait = quotas.room_at(key, state.flying, now)
+    if not wait[0]:
+        state.flying += 1
     return wait
 
 

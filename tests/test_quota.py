@@ -1,9 +1,10 @@
-"""Throttle(quotas=...): limits' moving windows, in REAL time.
+"""Throttle(quotas=...): moving windows in memory, mostly in REAL time.
 
-``limits`` runs on the wall clock, so these tests use short real windows (1-2 s) and
-no looptime. A slot counts from the response, so the windows hold for the server's
-arrival times exactly; they are read on the server's loop clock (monotonic), and a
-window is checked with a tolerance of ``JITTER`` for the wall clock slewing against it.
+The windows run on the event loop's clock, as the server's arrival times do. Most tests
+here use short real windows (1-2 s) with real latencies; the ``looptime`` ones fill
+minute-long windows in virtual time. A slot counts from the response, so the windows
+hold for the server's arrival times exactly; a window is checked with a tolerance of
+``JITTER``. Pure properties of the windows: test_quota_properties.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from resilient._throttle import Throttle
 from resilient.testing import SimulatedAPI
 
 JITTER = 0.002
-"""Seconds the wall clock (limits) may drift from the loop clock (arrivals) in a window."""
+"""Seconds of tolerance on a window of arrival times."""
 FAST = 1000.0
 """A bucket rate that never waits: only the quota paces."""
 
@@ -66,17 +67,18 @@ async def test_every_window_of_several_is_respected(server, client):
 
 async def test_a_quota_wait_sleeps_until_the_window_frees_a_slot(server, client, monkeypatch):
     calls = 0
-    room = Quotas.room
+    room_at = Quotas.room_at
 
-    async def counted(self: Quotas, key: str, in_flight: int) -> tuple[float, str]:
+    def counted(self: Quotas, key: str, in_flight: int, now: float) -> tuple[float, str]:
         nonlocal calls
         calls += 1
-        return await room(self, key, in_flight)
+        return room_at(self, key, in_flight, now)
 
-    monkeypatch.setattr(Quotas, "room", counted)
+    monkeypatch.setattr(Quotas, "room_at", counted)
     throttle = Throttle(FAST, burst=100, quotas="3/second")
     await asyncio.gather(*(get(client, server.url + "/x", throttle) for _ in range(6)))
     assert server.count() == 6
+    assert calls >= 6
     # 3 at once; the 4th looks once, then again as each of the 3 lands and at the
     # reset; the others follow. A busy loop would look thousands of times in that second.
     assert calls <= 3 * 6
@@ -128,6 +130,50 @@ async def test_a_quota_waiter_leaves_the_queue_when_it_gives_up(server, client):
     with resilient.deadline(5.0), pytest.raises(DeadlineExceeded):
         await get(client, server.url + "/second", throttle)
     assert throttle.waiting(server.url) == 0
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(60)
+async def test_a_minute_window_fills_and_frees_in_virtual_time(server, client):
+    """The windows read the loop clock: a looptime test fills "200/minute" and waits
+    for it to free (in no real time), and a slot leaves exactly a minute after it was
+    taken, so requests answered at once still take theirs when the window turns."""
+    throttle = Throttle(FAST, burst=500, quotas="200/minute")
+    statuses = await asyncio.gather(*(get(client, server.url + "/x", throttle) for _ in range(450)))
+    assert statuses == [200] * 450
+    times = arrival_times(server)
+    first = times[0]
+    assert [round(t - first, 3) for t in times[::50]] == [0, 0, 0, 0, 60, 60, 60, 60, 120]
+    assert most_in_any_window(times, 60.0) == 200
+    assert throttle.waiting(server.url) == 0
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(60)
+async def test_two_windows_of_a_quota_each_hold_in_virtual_time(server):
+    throttle = Throttle(FAST, burst=100, quotas="10/minute;25/hour")
+    no_total = aiohttp.ClientTimeout(total=None)  # the hour's last five wait 58 minutes
+    async with aiohttp.ClientSession(timeout=no_total) as client:
+        await asyncio.gather(*(get(client, server.url + "/x", throttle) for _ in range(30)))
+    times = arrival_times(server)
+    first = times[0]
+    assert most_in_any_window(times, 60.0) == 10
+    assert most_in_any_window(times, 3600.0) == 25
+    assert [round(t - first) for t in times[::5]] == [0, 0, 60, 60, 120, 3600]
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(60)
+async def test_windows_in_memory_are_read_and_written_without_an_await(server, client, monkeypatch):
+    async def awaited(*_args: object) -> None:
+        raise AssertionError("the memory path awaited the quota windows")
+
+    monkeypatch.setattr(Quotas, "room", awaited)
+    monkeypatch.setattr(Quotas, "record", awaited)
+    throttle = Throttle(FAST, burst=10, quotas="2/second")
+    await asyncio.gather(*(get(client, server.url + "/x", throttle) for _ in range(5)))
+    times = arrival_times(server)
+    assert [round(t - times[0], 3) for t in times] == [0, 0, 1, 1, 2]
 
 
 def test_quotas_are_parsed_with_limits_syntax():

@@ -5,6 +5,10 @@ async handler that returns one real, pre-fetched ``ClientResponse`` (no network)
 called in a tight loop with one real ``ClientRequest``. Policy cost = µs per call of the
 chain − µs per call of the bare handler, medians over interleaved rounds. Fail-fast is
 the whole chain raising ``CircuitOpenError`` with its breaker open (absolute µs per call).
+
+``Throttle(quotas=...)`` is measured twice in the same run: with resilient's own in-memory
+moving window (the memory path) and with ``limits``' async ``MovingWindowRateLimiter`` over
+its ``MemoryStorage`` (what 0.1.0 used), plugged into the same Throttle.
 """
 
 from __future__ import annotations
@@ -30,7 +34,55 @@ TITLE = "1b. In-process cost per call (success path), against a bare handler"
 RETRY_BREAKER_TARGET = 1.5
 CHAIN_TARGET = 3.0
 FAIL_FAST_TARGET = 20.0
+QUOTA_TARGET = 2.0
 OTEL_VARIANT = "full chain + OpenTelemetry"
+QUOTAS = "1000000000/day"
+QUOTA_VARIANT = "Throttle(quotas=...)"
+LIMITS_VARIANT = "Throttle(quotas=...) on limits"
+
+
+class _LimitsQuotas:
+    """The memory path of 0.1.0, for comparison only: ``limits``' async moving window over
+    its ``MemoryStorage``, two awaits per request (read the window, then hit it)."""
+
+    def __init__(self, text: str) -> None:
+        from limits.aio.storage import MemoryStorage
+        from limits.aio.strategies import MovingWindowRateLimiter
+
+        from resilient._quota import parse_quotas
+
+        self.text = text
+        self._items = parse_quotas(text)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def room(self, key: str, in_flight: int) -> tuple[float, str]:
+        from resilient._quota import MIN_QUOTA_WAIT, NAMESPACE
+
+        wait, name, now = 0.0, "", time.time()
+        for item in self._items:
+            stats = await self._limiter.get_window_stats(item, NAMESPACE, key)
+            used = item.amount - stats.remaining
+            if used + in_flight < item.amount:
+                continue
+            until = stats.reset_time - now if used else float(item.get_expiry())
+            until = max(until, MIN_QUOTA_WAIT)
+            if until > wait:
+                wait, name = until, f"quota {item}"
+        return wait, name
+
+    async def record(self, key: str) -> None:
+        from resilient._quota import NAMESPACE
+
+        for item in self._items:
+            await self._limiter.hit(item, NAMESPACE, key)
+
+
+def _on_limits(throttle: Any) -> Any:
+    """``throttle`` with its in-memory windows swapped for :class:`_LimitsQuotas` (awaited,
+    as shared quotas are)."""
+    throttle._quotas = _LimitsQuotas(throttle._quotas.text)
+    throttle._local = None
+    return throttle
 
 
 def _sizes(cfg: Config) -> tuple[int, int]:
@@ -70,9 +122,8 @@ def _policies() -> dict[str, Sequence[ClientMiddlewareType]]:
         "CircuitBreaker": (resilient.CircuitBreaker(),),
         "RateLimitBackoff": (resilient.RateLimitBackoff(),),
         "Throttle": (resilient.Throttle(1e6, burst=1000),),
-        "Throttle(quotas=...)": (
-            resilient.Throttle(1e6, burst=1000, quotas="1000000000/day"),
-        ),
+        QUOTA_VARIANT: (resilient.Throttle(1e6, burst=1000, quotas=QUOTAS),),
+        LIMITS_VARIANT: (_on_limits(resilient.Throttle(1e6, burst=1000, quotas=QUOTAS)),),
         "Retry + CircuitBreaker": resilient.chain(resilient.Retry(), resilient.CircuitBreaker()),
         "full chain": resilient.chain(retry, breaker, backoff, throttle),
     }
@@ -201,6 +252,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         )
     rb, full = costs["Retry + CircuitBreaker"], costs["full chain"]
     ff = costs["fail-fast (chain, open)"]
+    quota, on_limits = costs[QUOTA_VARIANT], costs[LIMITS_VARIANT]
     rounds, n = _sizes(cfg)
     return ScenarioResult(
         name=NAME,
@@ -209,7 +261,8 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             f"{rounds} interleaved rounds x {n} calls per variant; chain built with "
             "aiohttp.client_middlewares.build_client_middlewares around a handler returning a "
             "pre-fetched ClientResponse. Throttle(rate=1e6/s, burst=1000) never waits; the "
-            "quotas variant adds quotas='1000000000/day' (limits' moving window, in memory)."
+            f"quotas variants add quotas={QUOTAS!r}, in memory: resilient's own moving window, "
+            "and limits' MovingWindowRateLimiter over its MemoryStorage in the same Throttle."
         ),
         columns=list(rows[0]),
         rows=rows,
@@ -221,6 +274,9 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             Target("fail-fast while open (CircuitOpenError)", f"≤ {FAIL_FAST_TARGET} µs",
                    f"{ff:.2f} µs", ff <= FAIL_FAST_TARGET,
                    "whole chain, in-process; caller-seen latency through aiohttp is in 5."),
+            Target("Throttle(quotas=...), memory path", f"≤ {QUOTA_TARGET} µs",
+                   f"{quota:.2f} µs", quota <= QUOTA_TARGET,
+                   f"on limits' in-memory moving window: {on_limits:.2f} µs"),
         ],
         notes=[
             "policy cost = chain − bare handler (includes aiohttp's wrapper closure per "
@@ -228,9 +284,11 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "aiohttp's own share: compare it with 'aiohttp + 4 no-op middlewares' in 1.",
             "A tight loop keeps code and data hot in the CPU caches: these figures are the "
             "floor, and the end-to-end cost per request in 1 is larger.",
-            "Throttle(quotas=...): limits' in-memory moving window keeps one entry per call "
-            "in the window, here every call of the run, so its cost grows during the run "
-            "(median vs min).",
+            f"{QUOTA_VARIANT}: one deque of slot times per window, appended and trimmed "
+            "in O(1), read and written without an await. "
+            f"{LIMITS_VARIANT}: limits inserts each entry at the front of a list that "
+            "keeps every call in the window (here every call of the run), so its cost grows "
+            "during the run (median vs min).",
             f"'{OTEL_VARIANT}': resilient.instrument_opentelemetry() with an SDK MeterProvider "
             "(in-memory reader) during that variant only: each policy counts its call in "
             "resilient.requests. Not instrumented, the chain pays one None check per policy "
