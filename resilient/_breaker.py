@@ -348,7 +348,9 @@ class CircuitBreaker(Policy):
       so the window spans 0.9 × to 1 × ``window``).
     - ``open_for`` seconds (default 0.5): the first break. While open, requests raise
       ``CircuitOpenError(key, retry_after)`` without touching the network;
-      ``retry_after`` is the time left until half-open. After a failed probe the break
+      ``retry_after`` is the time left until half-open (a ``Retry`` outside the breaker
+      waits out a break of at most its ``circuit_wait``, 1 s by default, and tries the
+      call again; nothing was sent). After a failed probe the break
       doubles with jitter up to ``max_open_for`` (default ``max(1, open_for)``):
       ``max(open_for, min(max_open_for, open_for × 2^n) × U[0.5, 1))`` after the n-th
       failed probe in a row; back to ``open_for`` once the circuit closes.

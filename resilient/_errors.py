@@ -23,7 +23,9 @@ class ResilienceError(aiohttp.ClientError):
 class CircuitOpenError(ResilienceError):
     """The circuit for ``key`` is open: the request was not sent.
 
-    ``retry_after`` is the number of seconds until the breaker admits a probe.
+    ``retry_after`` is the number of seconds until the breaker admits a probe (0 for a
+    ``mode="adaptive"`` rejection: no break to wait for). ``Retry`` waits out a short
+    one (``0 < retry_after <= Retry.circuit_wait``) and tries again.
     """
 
     def __init__(self, key: str, retry_after: float) -> None:
