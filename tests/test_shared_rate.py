@@ -17,7 +17,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resilient import RateLimitBackoff
+from resilient import RateLimitBackoff, RateLimited
 from resilient._learned import SLOW_START_MIN, LearnedRate
 from resilient.storage._redis import RedisStore
 
@@ -139,3 +139,52 @@ async def test_another_process_is_paced_at_the_shared_rate_from_its_first_reques
     learned = b.rate(host)
     assert learned is not None
     assert learned >= SLOW_START_MIN
+
+
+# --- the local mirror: a healthy key costs no round trip -------------------------------
+
+
+async def _evalsha_calls(redis_url: str) -> int:
+    import redis.asyncio
+
+    direct = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        stats = await direct.info("commandstats")
+    finally:
+        await direct.aclose()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_healthy_key_costs_one_round_trip_per_lease_not_per_request(server, redis_url):
+    from resilient.storage._pause import HEALTHY_LEASE
+
+    policy = RateLimitBackoff(storage=redis_url)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(middlewares=(policy,)) as session:
+        async with session.get(server.url + "/warm") as resp:  # connected, scripts loaded
+            assert resp.status == 200
+        before, started = await _evalsha_calls(redis_url), loop.time()
+        for _ in range(30):
+            async with session.get(server.url + "/x") as resp:
+                assert resp.status == 200
+        elapsed = loop.time() - started
+        used = await _evalsha_calls(redis_url) - before
+    assert used <= math.ceil(elapsed / HEALTHY_LEASE) + 1  # 30 without the mirror
+
+
+async def test_a_pause_begun_elsewhere_is_seen_within_the_lease(server, redis_url):
+    from resilient.storage._pause import HEALTHY_LEASE
+
+    mine, other = RateLimitBackoff(max_wait=1.0, storage=redis_url), RateLimitBackoff(
+        storage=redis_url
+    )
+    async with aiohttp.ClientSession(middlewares=(mine,)) as session:
+        async with session.get(server.url + "/x") as resp:  # healthy: trusted for the lease
+            assert resp.status == 200
+        assert other._shared is not None
+        await other._shared.pause(server.url, 30.0)  # another process's 429
+        await asyncio.sleep(HEALTHY_LEASE * 1.5)
+        with pytest.raises(RateLimited):  # 30 s > max_wait: refused, nothing sent
+            async with session.get(server.url + "/y"):
+                pass
+    assert server.count("/y") == 0

@@ -27,7 +27,8 @@ and its departure slots live in Redis too, so every process paces the key togeth
 
 - ``admit``, the one round trip before a request of a key not paused here, reads the
   pause and, for a paced key, reserves the caller's departure slot (``go`` in ``wait``
-  seconds, or ``late``: beyond what the caller may wait, nothing reserved);
+  seconds, or ``late``: beyond what the caller may wait, nothing reserved); a key found
+  neither paused nor paced is trusted for :data:`HEALTHY_LEASE` seconds (no round trip);
 - ``depart``: a slot after a pause (the probe has answered);
 - a 429 cuts the rate (``cut``, in the background; once per round, by the cuts its request
   was sent after); answers that are not 429s are counted in batches (``accepted``); the
@@ -53,6 +54,8 @@ from ._redis import KEY_PREFIX, RedisStore, seconds, tag, text
 
 __all__ = [
     "ACCEPTED_FLUSH",
+    "HEALTHY_KEYS",
+    "HEALTHY_LEASE",
     "PROBE_LEASE",
     "PROBE_POLL",
     "UNRELEASED_KEYS",
@@ -70,6 +73,11 @@ UNRELEASED_KEYS = 1024
 """Keys whose unanswered releases are remembered at once (the oldest key is dropped)."""
 ACCEPTED_FLUSH = 0.1
 """Seconds between two batches of accepted answers sent to a paced key's shared rate."""
+HEALTHY_LEASE = 0.1
+"""Seconds an ``admit`` answer "neither paused nor paced" is trusted without asking again:
+a pause begun by another process is seen at most this late (its own 429s are seen at once)."""
+HEALTHY_KEYS = 4096
+"""Keys known healthy at once (the bound of the local mirror)."""
 
 T = TypeVar("T")
 Verdict = Literal["open", "paused", "busy", "probe"]
@@ -99,7 +107,17 @@ class SharedPause:
     (``admit``: not paused, not paced; ``pause``: the local delay; ``claim``: ``probe``).
     """
 
-    __slots__ = ("_accepted", "_flusher", "_held", "_on_error", "_store", "_tasks", "_unreleased")
+    __slots__ = (
+        "_accepted",
+        "_flusher",
+        "_healthy",
+        "_held",
+        "_news",
+        "_on_error",
+        "_store",
+        "_tasks",
+        "_unreleased",
+    )
 
     def __init__(self, store: RedisStore, on_error: OnStorageError) -> None:
         self._store = store
@@ -112,10 +130,15 @@ class SharedPause:
         self._accepted: dict[str, int] = {}
         """key -> answers not yet counted in the key's shared rate (see ``accepted``)."""
         self._flusher: asyncio.Task[None] | None = None
+        self._healthy: dict[str, float] = {}
+        """key -> loop time until which it is known neither paused nor paced."""
+        self._news = 0
+        """Pauses and cuts made here so far (an ``open`` answer older than one is stale)."""
 
     async def pause(self, key: str, delay: float, *, probe: bool = False) -> float:
         """Pause ``key`` for ``delay`` seconds at least; the seconds the shared pause lasts.
         ``probe``: the 429 answered this process's probe, whose claim it ends."""
+        self._distrust(key)
         token = self._held.pop(key, "") if probe else ""
         try:
             lasts: float = await self._store.run(
@@ -155,8 +178,21 @@ class SharedPause:
 
     async def admit(self, key: str, ceiling: float, max_wait: float) -> Admission:
         """Before a request of ``key`` (not paused here): the shared pause's time left,
-        or for a paced key this caller's departure slot (see the module docstring)."""
-        return await self._admission("admit", key, ceiling, max_wait)
+        or for a paced key this caller's departure slot (see the module docstring).
+
+        No round trip while the key is known healthy: an ``open`` answer (neither paused
+        nor paced) is trusted for :data:`HEALTHY_LEASE` seconds from when it was asked,
+        unless this process pauses or cuts the key meanwhile."""
+        now = _clock.now()
+        if self._healthy.get(key, 0.0) > now:
+            return _OPEN
+        news = self._news
+        admission = await self._admission("admit", key, ceiling, max_wait)
+        if admission.verdict == "open" and news == self._news:
+            self._trust(key, now + HEALTHY_LEASE)
+        else:
+            self._healthy.pop(key, None)
+        return admission
 
     async def depart(self, key: str, ceiling: float, max_wait: float) -> Admission:
         """A departure slot of paced ``key`` after a pause (``open``: not paced)."""
@@ -165,6 +201,7 @@ class SharedPause:
     def cut(self, key: str, cuts: int, ceiling: float) -> None:
         """A 429 to a request sent after ``cuts`` shared cuts: cut the shared rate if it
         is news (the first 429 of a key starts its slow start), in the background."""
+        self._distrust(key)
         self._background(self._rate_op(key, "cut", ceiling, cuts))
 
     def accepted(self, key: str) -> None:
@@ -193,6 +230,24 @@ class SharedPause:
 
     def _release(self, key: str, token: str) -> None:
         self._background(self._free(key, token))
+
+    def _trust(self, key: str, until: float) -> None:
+        """``key`` is healthy until loop time ``until`` (at most :data:`HEALTHY_KEYS` keys:
+        expired ones go first, then the oldest)."""
+        healthy = self._healthy
+        if len(healthy) >= HEALTHY_KEYS and key not in healthy:
+            now = _clock.now()
+            for name in [name for name, end in healthy.items() if end <= now]:
+                del healthy[name]
+            if len(healthy) >= HEALTHY_KEYS:
+                del healthy[next(iter(healthy))]
+        healthy[key] = until
+
+    def _distrust(self, key: str) -> None:
+        """A 429 of ``key`` here: ask Redis again from now on (and do not trust an answer
+        that was on its way meanwhile)."""
+        self._news += 1
+        self._healthy.pop(key, None)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
