@@ -16,6 +16,10 @@ b. Four OS processes share one quota. The benchmark process serves
    ``Throttle(rate=Q, burst=5, quotas="Q/second")`` + ``RateLimitBackoff``, both on
    the shared Redis, or (baseline) both in memory, where each process believes it owns
    the whole quota. Achieved rate / quota as in scenario 2.
+c. Round trips per request on the caller's path, for Throttle(quotas), RateLimitBackoff,
+   CircuitBreaker alone and the full chain: Redis behind a proxy that holds every reply
+   :data:`DELAY` s (``benchmarks/_delay_proxy.py``), calls timed one by one as in a;
+   (µs on Redis − µs in memory) / µs of one PING through the proxy.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ from .inprocess import _prefetch
 from .quota import _max_in_window
 
 NAME = "shared"
-TITLE = "8. Shared Redis storage: throttle cost per request, 4 processes on one quota"
+TITLE = (
+    "8. Shared Redis storage: throttle cost per request, 4 processes on one quota, round "
+    "trips per request"
+)
 LIMIT = 300.0
 """Wall seconds after which a hung part is cancelled (its scenario fails)."""
 COST_TARGET = 1.5
@@ -187,6 +194,104 @@ def _cost_rows(measured: dict[str, Any]) -> tuple[list[dict[str, Any]], float, f
     return rows, path, tight
 
 
+# --- c. round trips per request, each policy and the full chain -------------------------
+
+DELAY = 0.002
+"""Seconds the delay proxy adds to every Redis reply (part c): a round trip shows as time."""
+TRIP_CALLS = 100
+"""Sequential calls per variant and storage in part c."""
+
+
+def _trip_variants(storage: str) -> dict[str, tuple[Any, ...]]:
+    import resilient
+
+    def throttle() -> Any:
+        return resilient.Throttle(1e6, burst=10**6, quotas=COST_QUOTAS, storage=storage)
+
+    return {
+        "Throttle(quotas)": (throttle(),),
+        "RateLimitBackoff": (resilient.RateLimitBackoff(storage=storage),),
+        "CircuitBreaker": (resilient.CircuitBreaker(storage=storage),),
+        "full chain": resilient.chain(
+            resilient.Retry(),
+            resilient.CircuitBreaker(storage=storage),
+            resilient.RateLimitBackoff(storage=storage),
+            throttle(),
+        ),
+    }
+
+
+async def _shutdown(policies: tuple[Any, ...]) -> None:
+    """Drain each policy's background Redis work, then close its connections."""
+    for policy in getattr(policies[0], "policies", policies):
+        for name in ("_shared", "_quotas", "_store"):
+            part = getattr(policy, name, None)
+            if part is None:
+                continue
+            drain = getattr(part, "drain", None)
+            if drain is not None:
+                await drain()
+            store = getattr(part, "_store", None)
+            if store is not None:
+                await store.close()
+
+
+async def _timed_calls(handler: ClientHandlerType, req: ClientRequest, n: int) -> float:
+    """Median µs of ``n`` sequential calls, each timed alone; background work between
+    them is given a few proxy delays, untimed."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await handler(req)
+        times.append(time.perf_counter() - t0)
+        await asyncio.sleep(3 * DELAY)
+    return statistics.median(times) * 1e6
+
+
+async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
+    """Round trips on the caller's path per request: (µs through the delay proxy − µs in
+    memory) / µs of one PING through the proxy, for each policy alone and the chain."""
+    from resilient.storage._redis import RedisStore
+    from resilient.testing import SimulatedAPI
+
+    from .._delay_proxy import DelayProxy
+
+    async with SimulatedAPI(quota=None) as api:
+        req, resp = await _prefetch(api.url + PATH)
+
+    async def bare(_: ClientRequest) -> ClientResponse:
+        return resp
+
+    rows: list[dict[str, Any]] = []
+    async with DelayProxy(redis_port, DELAY) as proxy:
+        store = RedisStore(proxy.url)
+        conn = store.limits.bridge.get_connection()
+        await conn.ping()
+        ping = await _round_trip(conn.ping, 30)
+        await store.close()
+        memory, shared = _trip_variants("memory://"), _trip_variants(proxy.url)
+        try:
+            for name in memory:
+                progress.set_label(f"shared: round trips, {name}")
+                on_memory = build_client_middlewares(bare, memory[name])
+                on_redis = build_client_middlewares(bare, shared[name])
+                await _timed_calls(on_memory, req, 5)  # warm-up: connections, scripts
+                await _timed_calls(on_redis, req, 5)
+                mem = await _timed_calls(on_memory, req, TRIP_CALLS)
+                red = await _timed_calls(on_redis, req, TRIP_CALLS)
+                rows.append({
+                    "variant": f"round trips per request: {name}",
+                    "µs/req": red,
+                    "round trips": (red - mem) / ping,
+                })  # fmt: skip
+        finally:
+            for policies in shared.values():
+                await _shutdown(policies)
+    rows.insert(0, {"variant": f"round trip through the {DELAY * 1e3:g} ms proxy: PING",
+                    "µs/req": ping, "round trips": 1.0})
+    return rows
+
+
 # --- b. four processes, one quota ------------------------------------------------------
 
 
@@ -295,6 +400,7 @@ def _not_run(reason: str) -> ScenarioResult:
             Target(name, goal, "not run", None, reason)
             for name, goal in (
                 (COST_NAME, f"≤ {COST_TARGET:g} round trips"),
+                ("round trips per request on the caller's path: full chain", "≤ 1"),
                 (f"{PROCESSES} processes on one quota: 429s", "0"),
                 (f"{PROCESSES} processes on one quota: window pacing", f"≥ {FIDELITY_TARGET:.0%}"),
             )
@@ -314,6 +420,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
     server.start()
     try:
         cost = run_real(_cost(server.url, cfg, progress), LIMIT)
+        trips = run_real(_trips(server.port, progress), LIMIT)
         count = _per_process(cfg)
         total = PROCESSES * count
         share: dict[str, dict[str, Any]] = {}
@@ -328,7 +435,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
     memory_row = _share_row(f"{PROCESSES} processes, memory:// (a quota each)", total,
                             share["memory://"])
     redis_row = _share_row(f"{PROCESSES} processes, one Redis quota", total, share["Redis"])
-    rows += [memory_row, redis_row]
+    rows += [memory_row, redis_row, *trips]
     fidelity = redis_row["window pacing"] or 0.0
     rtt = rows[0]["µs/req"]
     return ScenarioResult(
@@ -352,6 +459,11 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
                    f"Redis − memory = {path * rtt:.0f} µs, round trip (PING) {rtt:.0f} µs "
                    f"({path * rtt / rows[1]['µs/req']:.2f} EVALSHA round trips); back-to-back "
                    f"{tight:.2f} round trips (background landings' CPU included)."),
+            Target("round trips per request on the caller's path: full chain", "≤ 1",
+                   f"{trips[-1]['round trips']:.2f}", trips[-1]["round trips"] <= 1.0,
+                   "through a proxy adding " f"{DELAY * 1e3:g} ms to every Redis reply: "
+                   + ", ".join(f"{r['variant'].split(': ')[1]} {r['round trips']:.2f}"
+                               for r in trips[1:])),
             Target(f"{PROCESSES} processes on one quota: 429s", "0",
                    str(redis_row["429s received"]), redis_row["429s received"] == 0),
             Target(f"{PROCESSES} processes on one quota: window pacing",
