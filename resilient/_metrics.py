@@ -26,13 +26,15 @@ like :func:`resilient._deadline.mark_start`.
 
 from __future__ import annotations
 
+from asyncio import CancelledError
 from contextvars import Context, ContextVar, copy_context
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
+import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock
+from . import _attempt, _clock
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -224,13 +226,20 @@ class _Wire:
             resp = await self._handler(request)
         except BaseException as exc:
             if not attempt.forwarded:
-                _ended(frame, request, started, begun, exc)
+                timed_out = isinstance(exc, CancelledError) and _attempt.timed_out()
+                outcome = _TIMED_OUT if timed_out else exc  # Retry's attempt_timeout
+                _ended(frame, request, started, begun, outcome)
             raise
         finally:
             _frame.reset(token)
         if not attempt.forwarded:
             _ended(frame, request, started, begun, resp)
         return resp
+
+
+_TIMED_OUT = aiohttp.SocketTimeoutError("attempt_timeout")
+"""The outcome recorded for an attempt Retry's ``attempt_timeout`` abandoned (the policy
+beneath sees a cancellation; on the wire it was a read timeout)."""
 
 
 def _ended(
@@ -252,9 +261,13 @@ def _ended(
 class waiting:
     """``with waiting(policy, key, status):`` around a wait, to report it (no-op when not
     instrumented). The backend seen on entry gets the end too, so its count of callers
-    waiting returns to zero even if instrumentation changes meanwhile."""
+    waiting returns to zero even if instrumentation changes meanwhile.
 
-    __slots__ = ("_backend", "_key", "_policy", "_started", "_status")
+    A wait inside a Retry attempt with an ``attempt_timeout`` also holds the attempt's
+    clock, which starts afresh when the wait ends (see :mod:`resilient._attempt`): every
+    wait of a policy inside Retry must go through here."""
+
+    __slots__ = ("_attempt", "_backend", "_key", "_policy", "_started", "_status")
 
     def __init__(self, policy: str, key: str, status: int | None = None) -> None:
         self._policy = policy
@@ -262,8 +275,12 @@ class waiting:
         self._status = status
         self._backend: Recorder | None = None
         self._started = 0.0
+        self._attempt: _attempt.AttemptClock | None = None
 
     def __enter__(self) -> waiting:
+        clock = _attempt.current.get()
+        if clock is not None and clock.hold():
+            self._attempt = clock
         backend = self._backend = recorder
         if backend is not None:
             self._started = _clock.now()
@@ -276,6 +293,10 @@ class waiting:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        clock = self._attempt
+        if clock is not None:
+            self._attempt = None
+            clock.resume()
         backend = self._backend
         if backend is not None:
             self._backend = None

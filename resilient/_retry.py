@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from . import _clock, _deadline, _events, _metrics
+from ._attempt import AttemptClock
 from ._backoff import Backoff, BackoffLike, DecorrelatedJitter, FullJitter, per_call_factory
 from ._budget import Balance, RetryBudget
 from ._errors import BodyNotReplayable, CircuitOpenError, DeadlineExceeded, ResilienceError
@@ -25,6 +26,7 @@ from ._replay import body_replayable
 from ._stats import RetryStats
 
 __all__ = [
+    "ATTEMPT_TIMEOUT_REASON",
     "DEFAULT_ATTEMPTS",
     "DEFAULT_BACKOFF",
     "DEFAULT_BUDGET",
@@ -56,6 +58,10 @@ callers a break refused come back spread over half a break after it ends (its pr
 usually answered by then), not all at one loop instant. Outage benchmark, 100 calls/s:
 with 0.1 the held calls reached the recovered server at 21× the call rate for 100 ms,
 with 0.5 at 9× (first success and calls ok alike)."""
+
+ATTEMPT_TIMEOUT_REASON = "attempt_timeout"
+"""The ``reason`` of a ``retry_scheduled`` event (and the cause in a ``retry_gave_up``
+reason) when the attempt was abandoned by ``attempt_timeout``."""
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """RFC 9110 §9.2.2. Any other method is idempotent only with an ``Idempotency-Key``."""
@@ -120,6 +126,8 @@ class Retry(Policy):
     - ``circuit_wait`` (default 1 s; ``0``: never): a ``CircuitOpenError`` from an inner
       ``CircuitBreaker`` whose break ends within ``0 < retry_after <= circuit_wait`` is
       waited out, then the call is tried again (see "Short breaks" below).
+    - ``attempt_timeout`` (default ``None``: no bound of Retry's own): seconds one attempt
+      may take to deliver its response headers (see "Attempt timeout" below).
 
     Idempotency: GET, HEAD, OPTIONS, TRACE, PUT, DELETE, and any request carrying an
     ``Idempotency-Key`` header, are retried on every listed status and on transient
@@ -140,6 +148,17 @@ class Retry(Policy):
     breaker refuses again is given back to the budget. TLS errors and other
     ``ResilienceError`` are never retried.
 
+    Attempt timeout: an attempt that has not delivered its response headers
+    ``attempt_timeout`` seconds after it was sent is abandoned (cancelled; aiohttp closes
+    its connection) and counts as a read timeout: ``aiohttp.SocketTimeoutError``, what
+    aiohttp raises when ``sock_read`` runs out, retried for idempotent requests only (a
+    POST without ``Idempotency-Key`` is never sent again; the caller gets the error).
+    The clock measures the attempt as sent: it holds while a policy inside Retry waits
+    its turn (Throttle, ConcurrencyLimit, a RateLimitBackoff pause) and starts afresh
+    when the wait ends (details in :mod:`resilient._attempt`). It never runs past the
+    caller's allowance: an attempt still without headers when the deadline or the
+    session's total timeout comes is abandoned with ``DeadlineExceeded``.
+
     Outcomes: giving up on a status returns the last response unchanged (readable);
     after the last network failure the original aiohttp exception propagates. A wait
     that would end past the caller's allowance (``resilient.deadline()``, the session's
@@ -150,6 +169,7 @@ class Retry(Policy):
     """
 
     __slots__ = (
+        "_attempt_timeout",
         "_attempts",
         "_backoff",
         "_balance",
@@ -172,6 +192,7 @@ class Retry(Policy):
         budget: RetryBudget | None = DEFAULT_BUDGET,
         max_delay: float = DEFAULT_MAX_DELAY,
         circuit_wait: float = DEFAULT_CIRCUIT_WAIT,
+        attempt_timeout: float | None = None,
     ) -> None:
         if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
             raise ValueError(f"Retry: attempts must be an integer >= 1, got {attempts!r}")
@@ -194,7 +215,17 @@ class Retry(Policy):
                 "Retry: circuit_wait must be a finite number >= 0 (seconds; 0: never wait"
                 f" for a circuit), got {circuit_wait!r}"
             )
+        if attempt_timeout is not None and (
+            isinstance(attempt_timeout, bool)
+            or not isinstance(attempt_timeout, (int, float))
+            or not 0.0 < attempt_timeout < math.inf
+        ):
+            raise ValueError(
+                "Retry: attempt_timeout must be None (no bound) or a finite number > 0"
+                f" (seconds), got {attempt_timeout!r}"
+            )
         self._attempts = attempts
+        self._attempt_timeout = None if attempt_timeout is None else float(attempt_timeout)
         self._statuses = _statuses(statuses)
         self._backoff = backoff
         self._new_backoff = per_call_factory(backoff)
@@ -227,11 +258,16 @@ class Retry(Policy):
     def circuit_wait(self) -> float:
         return self._circuit_wait
 
+    @property
+    def attempt_timeout(self) -> float | None:
+        return self._attempt_timeout
+
     def __repr__(self) -> str:
         return (
             f"Retry(attempts={self._attempts}, statuses={sorted(self._statuses)},"
             f" backoff={self._backoff!r}, budget={self._budget!r},"
-            f" max_delay={self._max_delay!r}, circuit_wait={self._circuit_wait!r})"
+            f" max_delay={self._max_delay!r}, circuit_wait={self._circuit_wait!r},"
+            f" attempt_timeout={self._attempt_timeout!r})"
         )
 
     def stats(self) -> RetryStats:
@@ -248,17 +284,19 @@ class Retry(Policy):
         balance = self._balance
         if balance is not None:
             balance.deposit(started)
+        seconds = self._attempt_timeout
+        clock = None if seconds is None else AttemptClock(request, started, seconds)
         try:
-            resp = await handler(request)
+            resp = await (handler(request) if clock is None else clock.run(handler, request))
         except aiohttp.ClientError as exc:
             if self._attempts == 1 or (
                 failure_reason(request, exc) is None and self._break(exc) is None
             ):
                 raise
-            return await self._retry(request, handler, started, None, exc)
+            return await self._retry(request, handler, started, None, exc, clock)
         if resp.status not in self._statuses:
             return resp
-        return await self._retry(request, handler, started, resp, None)
+        return await self._retry(request, handler, started, resp, None, clock)
 
     async def _retry(
         self,
@@ -267,8 +305,10 @@ class Retry(Policy):
         started: float,
         resp: ClientResponse | None,
         exc: aiohttp.ClientError | None,
+        clock: AttemptClock | None,
     ) -> ClientResponse:
-        """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made."""
+        """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made
+        (under ``clock`` when there is an ``attempt_timeout``)."""
         backoff: Backoff | None = None  # per-call strategy state, built on the first retry
         key, made, why = by_host(request), self._attempts, "attempts exhausted"
         sent = resp is not None or not isinstance(exc, CircuitOpenError)  # the wire was used
@@ -285,6 +325,8 @@ class Retry(Policy):
                 if retryable is None:
                     made, why = attempt, "not retryable"
                     break
+                if clock is not None and exc is not None and exc is clock.error:
+                    retryable = ATTEMPT_TIMEOUT_REASON
                 if backoff is None:
                     backoff = self._new_backoff()
                 wait = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
@@ -296,7 +338,7 @@ class Retry(Policy):
                 if refused is not None:  # nothing sent: the breaker's verdict stands
                     made, why = attempt, "deadline"
                     break
-                _gave_up(request, key, attempt, resp, exc, "deadline")
+                _gave_up(request, key, attempt, resp, exc, "deadline", clock)
                 if resp is None:
                     raise DeadlineExceeded(
                         f"retry: the next attempt ({delay:.3f}s away) would start after"
@@ -304,7 +346,7 @@ class Retry(Policy):
                     ) from exc
                 return resp
             if not body_replayable(request):
-                _gave_up(request, key, attempt, resp, exc, "body not replayable")
+                _gave_up(request, key, attempt, resp, exc, "body not replayable", clock)
                 if resp is not None:
                     resp.release()
                 raise BodyNotReplayable(
@@ -328,7 +370,10 @@ class Retry(Policy):
             with _metrics.waiting("retry", key, status):
                 await _backoff_sleep(balance, withdrawn, delay)
             try:
-                resp, exc = await handler(request), None
+                if clock is None:
+                    resp, exc = await handler(request), None
+                else:
+                    resp, exc = await clock.run(handler, request), None
             except aiohttp.ClientError as error:
                 resp, exc = None, error
                 if isinstance(error, CircuitOpenError):  # refused: this retry sent nothing
@@ -340,7 +385,7 @@ class Retry(Policy):
                 if resp.status not in self._statuses:
                     return resp
                 sent = True
-        _gave_up(request, key, made, resp, exc, why)
+        _gave_up(request, key, made, resp, exc, why, clock)
         return _give_up(resp, exc)
 
     def _break(self, exc: aiohttp.ClientError) -> float | None:
@@ -398,11 +443,13 @@ def _gave_up(
     resp: ClientResponse | None,
     exc: BaseException | None,
     why: str,
+    clock: AttemptClock | None = None,
 ) -> None:
     """Emit ``retry_gave_up``: ``attempts`` made, the last status or error, and why."""
     status = None if resp is None else resp.status
     if resp is None and exc is not None:
-        why = f"{why} ({type(exc).__name__})"
+        timed_out = clock is not None and exc is clock.error
+        why = f"{why} ({ATTEMPT_TIMEOUT_REASON if timed_out else type(exc).__name__})"
     _events.emit(
         "retry_gave_up", "retry", key, request, attempt=attempts, status=status, reason=why
     )

@@ -679,7 +679,7 @@ def test_repr_shows_the_configuration():
     text = repr(Retry(attempts=3, statuses={503}, budget=None))
     assert text == (
         "Retry(attempts=3, statuses=[503], backoff=FullJitter(base=0.5, cap=30.0),"
-        " budget=None, max_delay=300.0, circuit_wait=1.0)"
+        " budget=None, max_delay=300.0, circuit_wait=1.0, attempt_timeout=None)"
     )
 
 
