@@ -97,8 +97,12 @@ class Latencies:
     its p95, recomputed by sorting the ring every :data:`EVERY` samples (amortised
     O(log n) per sample) once :data:`MIN_SAMPLES` were seen.
 
-    ``p95`` is the nearest-rank quantile: the ``ceil(0.95 × n)``-th smallest of the n
-    samples in the ring. What is recorded is the latency of each *response*: the call's
+    ``p95`` is the sample quantile at position ``0.95 × (n + 1)`` of the n samples in the
+    ring, interpolated between neighbours (Hyndman & Fan's type 6, Excel's
+    ``PERCENTILE.EXC``): the k-th smallest of n samples is exceeded on average by a share
+    ``(n + 1 − k) / (n + 1)`` of later ones, so this position is exceeded by 5 % of them,
+    where the nearest rank (``ceil(0.95 × n)``-th) of 128 samples is exceeded by 5.4 %
+    (8 % more copies than asked for). What is recorded is the latency of each *response*: the call's
     own attempt when it answers first, or the winning copy, timed from when it was sent.
     A cancelled loser records nothing (its latency is unknown), so once hedging hides a
     slow tail the estimate tracks the responses that arrive; the budget bounds the
@@ -130,11 +134,18 @@ class Latencies:
 
 
 def quantile(values: list[float], q: float) -> float:
-    """The nearest-rank ``q`` quantile of ``values`` (not empty): the ``ceil(q × n)``-th
-    smallest."""
+    """The ``q`` quantile of ``values`` (not empty) at position ``h = q × (n + 1)`` of the
+    sorted values (1-based), linearly interpolated; the smallest value for ``h <= 1``, the
+    largest for ``h >= n`` (Hyndman & Fan's type 6)."""
     ordered = sorted(values)
-    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
-    return ordered[rank - 1]
+    position = q * (len(ordered) + 1)
+    if position <= 1.0:
+        return ordered[0]
+    if position >= len(ordered):
+        return ordered[-1]
+    below = math.floor(position)
+    low, high = ordered[below - 1], ordered[below]
+    return low + (position - below) * (high - low)
 
 
 def _check_delay(delay: object) -> float | None:

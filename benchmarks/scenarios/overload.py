@@ -109,7 +109,8 @@ class Vegas(Law):
     """Netflix ``VegasLimit`` (defaults): queue = limit × (1 − rtt_noload / rtt);
     below log10(limit): + 3·log10(limit); below 3·log10: + log10; above 6·log10: −
     log10; a drop: − log10. rtt_noload: the least RTT seen, re-probed every 30 × limit
-    samples."""
+    samples. Unlike Netflix's, a drop's RTT (a 503 answered at once) is not taken as the
+    no-load RTT: it would read as a server with no latency at all."""
 
     def __init__(self) -> None:
         self.limit = 20.0
@@ -119,11 +120,11 @@ class Vegas(Law):
 
     def sample(self, rtt: float, in_flight: int, dropped: bool) -> None:
         self.count += 1
-        if self.count >= self.probe:  # probe: forget the no-load RTT
+        if not dropped and self.count >= self.probe:  # probe: forget the no-load RTT
             self.count, self.noload = 0, rtt
             self.probe = 30 * self.limit
             return
-        if self.noload == 0.0 or rtt < self.noload:
+        if not dropped and (self.noload == 0.0 or rtt < self.noload):
             self.noload = rtt
             return
         limit = self.limit
@@ -148,7 +149,8 @@ class Vegas(Law):
 class Gradient2(Law):
     """Netflix ``Gradient2Limit`` (defaults): gradient = clamp(1.5 × long RTT / RTT, 0.5,
     1); new = limit × gradient + 4, smoothed by 0.2; long RTT: an EWMA over 600 samples,
-    decayed when it exceeds twice the RTT; no growth while in flight < limit / 2."""
+    decayed when it exceeds twice the RTT; no growth while in flight < limit / 2. Drops
+    (503 answered at once, timeouts) are not RTT samples."""
 
     def __init__(self) -> None:
         self.limit = 20.0
@@ -156,7 +158,7 @@ class Gradient2(Law):
         self.count = 0
 
     def sample(self, rtt: float, in_flight: int, dropped: bool) -> None:
-        if rtt <= 0.0:
+        if rtt <= 0.0 or dropped:
             return
         self.count += 1
         if self.long == 0.0:
