@@ -520,3 +520,13 @@ def test_a_hedge_used_from_another_event_loop_still_fires():
         finally:
             loop.close()
     assert [name for name, _ in fired] == ["first loop", "second loop"]
+
+
+@pytest.mark.looptime
+async def test_per_key_state_is_bounded(server, connector):
+    hedge = Hedge(delay=5.0, key=lambda request: request.url.path, max_keys=16)
+    async with session_with(connector, hedge) as session:
+        for i in range(100):
+            await fetch(session, f"{server.url}/{i}")
+    assert len(hedge.stats()) <= 16
+    assert not hedge._schedule.heap or all(race.settled for _, _, race in hedge._schedule.heap)

@@ -464,3 +464,20 @@ def test_limit_exceeded_pickles():
     err = pickle.loads(pickle.dumps(LimitExceeded("http://h", "queue full")))
     assert (err.key, err.reason) == ("http://h", "queue full")
     assert math.isfinite(len(str(err)))
+
+
+@pytest.mark.looptime
+async def test_per_key_state_is_bounded_and_busy_keys_are_kept(server, connector):
+    server.default("/busy", Gauge().reply(10.0))
+    limit = ConcurrencyLimit(1, key=lambda request: request.url.path, max_keys=16)
+    async with session_with(connector, limit) as session:
+        busy = asyncio.create_task(get(session, server.url + "/busy"))
+        await until(lambda: server.count("/busy") == 1)
+        for i in range(100):
+            await get(session, f"{server.url}/{i}")
+        assert len(limit.stats()) <= 16
+        assert limit.in_flight("/busy") == 1  # a key holding a slot is never evicted
+        busy.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await busy
+        assert limit.in_flight("/busy") == 0
