@@ -63,7 +63,7 @@ ADAPTIVE = "adaptive, max_queue=0: "
 
 def _phase(cfg: Config) -> float:
     """Seconds of each phase."""
-    return float(cfg.pick(10.0, 30.0, tiny=1.0))
+    return float(cfg.pick(4.0, 30.0, tiny=1.0))
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ DEFAULT = "resilient Hedge()"
 
 
 def _calls(cfg: Config) -> int:
-    return int(cfg.pick(3_000, 20_000, tiny=300))
+    return int(cfg.pick(1_500, 20_000, tiny=300))
 
 
 @dataclass(frozen=True)
