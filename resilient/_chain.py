@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import ClientMiddlewareType
 
+from ._pipeline import Pipeline
 from ._policy import Policy
 
-__all__ = ["DEFAULT_TIMEOUT", "chain", "session"]
+__all__ = ["DEFAULT_TIMEOUT", "chain", "ordered", "session"]
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(
     total=None, connect=60.0, sock_connect=30.0, sock_read=120.0
@@ -19,19 +21,36 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(
 
 
 def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
-    """Return ``policies`` outermost first in the recommended order.
+    """One :class:`~resilient._pipeline.Pipeline` of resilient's policies in the
+    recommended order (its ``.policies``, outermost first), then the other middlewares.
 
     Order: auth -> Hedge -> Retry -> CircuitBreaker -> RateLimitBackoff ->
     ConcurrencyLimit -> Throttle -> fault injection, then any other middlewares in the
     order given (innermost, so they run on every wire attempt). Two policies of one kind
     are rejected. With a RateLimitBackoff and a Throttle, the key has one learned rate: the
     backoff's, capped by the Throttle's rate (an adaptive Throttle keyed alike reads it, see
-    :meth:`Throttle.follow`).
+    :meth:`Throttle.follow`). A Pipeline given again (an earlier ``chain()``) is opened up.
     """
+    ours, others = _order(policies)
+    return (Pipeline(ours), *others) if ours else others
+
+
+def ordered(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
+    """:func:`chain`'s order as a flat tuple: the policies outermost first, then the
+    other middlewares (what ``sage.policies()`` returns)."""
+    ours, others = _order(policies)
+    return (*ours, *others)
+
+
+def _order(
+    policies: Sequence[ClientMiddlewareType],
+) -> tuple[tuple[Policy, ...], tuple[ClientMiddlewareType, ...]]:
+    """Resilient's policies sorted (each kind once, linked: see :func:`chain`) and the
+    other middlewares in the order given."""
     seen: dict[str, Policy] = {}
     ours: list[Policy] = []
     others: list[ClientMiddlewareType] = []
-    for policy in policies:
+    for policy in _flat(policies):
         if isinstance(policy, Policy):
             if policy.kind in seen:
                 raise ValueError(
@@ -49,7 +68,16 @@ def chain(*policies: ClientMiddlewareType) -> tuple[ClientMiddlewareType, ...]:
     if backoff is not None and throttle is not None:  # one learned rate per key, capped
         backoff.cap_rate(throttle.rate)  # type: ignore[attr-defined]
         throttle.follow(backoff.rate, backoff.key)  # type: ignore[attr-defined]
-    return (*ours, *others)
+    return tuple(ours), tuple(others)
+
+
+def _flat(items: Sequence[ClientMiddlewareType]) -> Iterator[ClientMiddlewareType]:
+    """``items`` with every :class:`Pipeline` (an earlier ``chain()``) opened up."""
+    for item in items:
+        if isinstance(item, Pipeline):
+            yield from item.policies
+        else:
+            yield item
 
 
 def session(*policies: ClientMiddlewareType, **kwargs: Any) -> aiohttp.ClientSession:

@@ -14,12 +14,14 @@ def test_chain_puts_policies_in_the_recommended_order():
     backoff = resilient.RateLimitBackoff()
     breaker = resilient.CircuitBreaker()
     retry = resilient.Retry()
-    assert resilient.chain(throttle, breaker, backoff, retry) == (
-        retry,
-        breaker,
-        backoff,
-        throttle,
-    )
+    (pipeline,) = resilient.chain(throttle, breaker, backoff, retry)
+    assert pipeline.policies == (retry, breaker, backoff, throttle)  # type: ignore[attr-defined]
+
+
+def test_chain_opens_up_an_earlier_chain():
+    retry, throttle = resilient.Retry(), resilient.Throttle(5.0)
+    (pipeline,) = resilient.chain(*resilient.chain(throttle), retry)
+    assert pipeline.policies == (retry, throttle)  # type: ignore[attr-defined]
 
 
 def test_chain_rejects_two_policies_of_one_kind():
@@ -35,7 +37,9 @@ def test_chain_keeps_foreign_middlewares_innermost_in_given_order():
         return await handler(request)
 
     retry = resilient.Retry()
-    assert resilient.chain(first, retry, second) == (retry, first, second)
+    pipeline, *others = resilient.chain(first, retry, second)
+    assert pipeline.policies == (retry,)  # type: ignore[attr-defined]
+    assert others == [first, second]
 
 
 def test_chain_rejects_a_non_callable():
@@ -89,3 +93,38 @@ async def test_session_runs_the_chain_outermost_first(server):
     async with resilient.session(tracer("a"), tracer("b")) as s, s.get(server.url):
         pass
     assert order == ["a", "b"]
+
+
+# --- the pipeline ------------------------------------------------------------------
+
+
+async def test_the_pipeline_runs_the_policies_with_one_aiohttp_wrapper(server):
+    """aiohttp wraps each middleware in a coroutine per request; the pipeline is one
+    middleware, so however many policies it holds, one wrapper frame stands above them."""
+    import inspect
+
+    wrappers: list[int] = []
+
+    async def innermost(request, handler):
+        frames = [f.function for f in inspect.stack()]
+        wrappers.append(frames.count("wrapped"))
+        return await handler(request)
+
+    server.script("/x", 503, 200)
+    policies = (resilient.Retry(backoff=resilient.FullJitter(0.001, 0.001)),
+                resilient.CircuitBreaker(), resilient.RateLimitBackoff(),
+                resilient.Throttle(1e6, burst=100))
+    async with resilient.session(*policies, innermost) as session:
+        async with session.get(server.url + "/x") as resp:
+            assert resp.status == 200  # the 503 was retried through the pipeline
+    assert wrappers == [2, 2]  # the pipeline's and the innermost middleware's own
+
+
+def test_a_pipeline_needs_a_policy_and_shows_them():
+    from resilient._pipeline import Pipeline
+
+    with pytest.raises(ValueError, match="policies"):
+        Pipeline(())
+    retry = resilient.Retry()
+    assert repr(Pipeline((retry,))) == f"Pipeline({retry!r})"
+    assert list(Pipeline((retry,))) == [retry]

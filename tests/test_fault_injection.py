@@ -133,7 +133,8 @@ async def test_latency_waits_on_the_loop_clock_then_sends(server, client):
 def test_chain_places_fault_injection_innermost():
     chaos = FaultInjection()
     retry = resilient.Retry()
-    assert resilient.chain(chaos, retry) == (retry, chaos)
+    (pipeline,) = resilient.chain(chaos, retry)
+    assert pipeline.policies == (retry, chaos)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

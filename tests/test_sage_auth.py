@@ -312,8 +312,8 @@ async def test_request_made_by_refresh_through_the_same_session_passes_by(server
 
 def test_chain_places_token_refresh_outermost():
     policy = sage.TokenRefresh(Tokens().refresh)
-    ordered = resilient.chain(resilient.Retry(), resilient.Throttle(1.0), policy)
-    assert ordered[0] is policy
+    (pipeline,) = resilient.chain(resilient.Retry(), resilient.Throttle(1.0), policy)
+    assert pipeline.policies[0] is policy  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("refresh", ["a-token-string", None, 42])

@@ -17,7 +17,7 @@ from aiohttp import ClientMiddlewareType
 from multidict import CIMultiDict
 
 from .._breaker import CircuitBreaker
-from .._chain import chain
+from .._chain import ordered
 from .._chain import session as _session
 from .._policy import Policy
 from .._ratelimit import RateLimitBackoff
@@ -156,7 +156,7 @@ def policies(
         policy = _build(name, kwargs, overrides.get(name, {}))
         if policy is not None:
             built.append(policy)
-    return chain(*built)
+    return ordered(*built)
 
 
 def session(
