@@ -368,7 +368,8 @@ def test_repr_shows_the_configuration():
 def test_throttle_sits_innermost_in_the_chain():
     throttle = Throttle(1.0)
     assert (throttle.kind, throttle.order) == ("throttle", 40)
-    assert resilient.chain(throttle, resilient.Retry())[-1] is throttle
+    (pipeline,) = resilient.chain(throttle, resilient.Retry())
+    assert pipeline.policies[-1] is throttle  # type: ignore[attr-defined]
 
 
 # --- the pure bucket --------------------------------------------------------------
