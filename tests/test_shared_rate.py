@@ -188,3 +188,55 @@ async def test_a_pause_begun_elsewhere_is_seen_within_the_lease(server, redis_ur
             async with session.get(server.url + "/y"):
                 pass
     assert server.count("/y") == 0
+
+
+async def test_two_other_processes_share_the_learned_rate(redis_url):
+    """After this process earns a key's first 429, two OS processes that never saw one
+    send three GETs each at once: Redis hands out their departure slots, so no two of
+    the six arrive together (unshared, each process would send its three at once)."""
+    import json
+    import os
+    import sys
+
+    arrivals: list[float] = []
+    first = True
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal first
+        arrivals.append(asyncio.get_running_loop().time())
+        if first:
+            first = False
+            return web.Response(status=429, headers={"Retry-After": "0.2"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/x", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x"  # type: ignore[union-attr]
+    mine = RateLimitBackoff(storage=redis_url)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
+    try:
+        async with aiohttp.ClientSession(middlewares=(mine,)) as session:
+            async with session.get(url) as resp:  # the 429, the pause, then the probe
+                assert resp.status == 200
+        await mine._shared.drain()  # type: ignore[union-attr]
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, os.path.join(here, "shared_worker.py"), "pause", url,
+                redis_url, "3", stdout=asyncio.subprocess.PIPE, env=env,
+            )
+            for _ in range(2)
+        ]
+        outs = await asyncio.gather(*(p.communicate() for p in procs))
+    finally:
+        await runner.cleanup()
+    assert all(p.returncode == 0 for p in procs)
+    assert [json.loads(out) for out, _ in outs] == [[200] * 3] * 2
+    theirs = sorted(arrivals[2:])
+    assert len(theirs) == 6
+    gaps = [later - earlier for earlier, later in itertools.pairwise(theirs)]
+    assert min(gaps) > 0.02, gaps
