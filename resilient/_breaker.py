@@ -1,22 +1,10 @@
 """CircuitBreaker: fail fast while a host is down, probe soon, back off while it stays down.
 
-Per key, the outcome of every attempt is counted in a sliding time window (10 buckets
-of ``window / 10`` seconds) and in a run of consecutive failures. A key's circuit moves
-
-    closed --(consecutive_failures failures in a row, or >= min_calls calls in the
-              window with failures / calls >= failure_ratio)--> open for open_for
-    open --(its break elapsed)--> half-open
-    half-open --(half_open_probes probes succeeded)--> closed (counts emptied, level 0)
-    half-open --(a probe failed)--> open for the next break (level + 1)
-
-The break after ``level`` failed probes (0: the trip from closed) is
-
-    nominal(level) = min(max_open_for, open_for × 2^level)
-    break(0) = open_for;  break(level >= 1) = max(open_for, nominal × (0.5 + 0.5 × u))
-
-with ``u`` uniform in [0, 1): doubled with jitter, never below ``open_for``, never above
-``max_open_for``. ``mode="adaptive"`` replaces the circuit with Google's client-side
-adaptive throttling (see :class:`_Throttled`).
+The policy is the call, written once: admit (its store says let through, refuse, or ask
+the backend), send, record the outcome (or release what it held). The rules live in
+:mod:`resilient._circuit` (one state machine, mirrored in ``storage/lua/breaker.lua``);
+the state lives in a store (:mod:`resilient._circuit_store`: this process's memory, or
+Redis through :mod:`resilient.storage._breaker`).
 
 Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
 successes (the host is up). A cancellation, or an error that is not an outcome of the
@@ -26,25 +14,37 @@ nothing and frees the half-open probe slot it held.
 
 from __future__ import annotations
 
-import logging
 import math
-import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, TypeGuard
+from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock, _events, _metrics
-from ._errors import CircuitOpenError, ResilienceError
+from . import _clock, _metrics
+from ._circuit import (
+    ADAPTIVE_K,
+    BUCKETS,
+    HALF_OPEN,
+    NEVER,
+    OPEN,
+    STATE_NAMES,
+    Circuit,
+    Settings,
+    Throttled,
+    Ticket,
+    next_break,
+    reject_probability,
+)
+from ._circuit_store import CircuitStore, MemoryCircuits
+from ._errors import ResilienceError, StorageError
 from ._keys import KeyFunc, by_host
-from ._log import human_duration, logger
 from ._policy import Policy
-from ._state import DEFAULT_MAX_KEYS, KeyedState
+from ._state import DEFAULT_MAX_KEYS
 from ._stats import CircuitStats
-from ._window import Window
 from .storage import OnStorageError, check, check_on_storage_error, is_shared, redact
+
+if TYPE_CHECKING:
+    from .storage._breaker import RedisCircuits
 
 __all__ = [
     "ADAPTIVE_K",
@@ -84,17 +84,8 @@ DEFAULT_HALF_OPEN_PROBES = 1
 """Trial requests admitted at once while half-open; all must succeed to close."""
 DEFAULT_MODE: Mode = "circuit"
 DEFAULT_STORAGE = "memory://"
-BUCKETS = 10
-"""Buckets in the window: it spans between 0.9 × and 1 × ``window`` seconds."""
-ADAPTIVE_K = 2.0
-"""``mode="adaptive"``: the K of the SRE book's rule (requests may be K × accepts)."""
 
-CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-_KIND = "circuit_breaker"
-_STATE_NAMES = ("closed", "open", "half_open")
 _MODES = ("circuit", "adaptive")
-_NEVER = 1 << 62
-"""``consecutive_failures=None``: a run no circuit reaches."""
 
 
 def is_failure(exc: BaseException) -> bool:
@@ -109,233 +100,6 @@ def is_failure(exc: BaseException) -> bool:
     return isinstance(exc, (aiohttp.ClientError, TimeoutError)) and not isinstance(
         exc, ResilienceError
     )
-
-
-def next_break(open_for: float, max_open_for: float, level: int, u: float) -> float:
-    """Seconds of the break after ``level`` failed probes, ``u`` uniform in [0, 1).
-
-    ``level == 0``: ``open_for``; else ``max(open_for, nominal × (0.5 + 0.5 × u))`` with
-    ``nominal = min(max_open_for, open_for × 2^level)`` (the exponent is capped at 64, so
-    no overflow). The Lua script (``storage/lua/breaker.lua``) computes the same.
-    """
-    if level <= 0:
-        return open_for
-    nominal = min(max_open_for, open_for * 2.0 ** min(level, 64))
-    return max(open_for, nominal * (0.5 + 0.5 * u))
-
-
-def reject_probability(requests: int, accepts: int, k: float = ADAPTIVE_K) -> float:
-    """Google's client-side adaptive throttling (SRE book, "Handling Overload"):
-    ``max(0, (requests − k × accepts) / (requests + 1))``."""
-    return max(0.0, (requests - k * accepts) / (requests + 1))
-
-
-@dataclass(frozen=True, slots=True)
-class _Settings:
-    failure_ratio: float
-    min_calls: int
-    open_for: float
-    half_open_probes: int
-    width: float
-    consecutive: int = _NEVER
-    max_open_for: float = math.inf
-
-
-class _Circuit(Window):
-    """One key's breaker: its outcome window, its run of failures, plus its state.
-
-    ``epoch`` changes on every transition, so an outcome that arrives after the circuit
-    moved on (a call admitted before it opened, a probe of an earlier half-open spell)
-    is ignored. While open, ``until`` is when it half-opens; while half-open,
-    ``admitted`` counts the probes let through (minus those that ended without an
-    outcome) and ``until`` is when an unanswered probe is given up on (``open_for``
-    after the last admission). ``streak``: failures in a row while closed; ``level``:
-    failed probes since the circuit last closed (the break grows with it).
-    """
-
-    __slots__ = (
-        "admitted",
-        "epoch",
-        "key",
-        "level",
-        "settings",
-        "state",
-        "streak",
-        "successes",
-        "until",
-    )
-
-    def __init__(self, key: str, settings: _Settings) -> None:
-        super().__init__(settings.width, BUCKETS)
-        self.key = key
-        self.settings = settings
-        self.state = CLOSED
-        self.epoch = 0
-        self.until = 0.0
-        self.admitted = 0
-        self.successes = 0
-        self.streak = 0
-        self.level = 0
-
-    def admit(self, now: float, request: ClientRequest | None = None) -> None:
-        """Let one probe through (the circuit is not closed), or raise ``CircuitOpenError``."""
-        if self.state == OPEN or self.admitted >= self.settings.half_open_probes:
-            if now < self.until:
-                _events.emit(
-                    "circuit_rejected", _KIND, self.key, request,
-                    delay=self.until - now, reason=_STATE_NAMES[self.state],
-                )  # fmt: skip
-                raise CircuitOpenError(self.key, self.until - now)
-            self._half_open(overdue=self.state == HALF_OPEN)
-        self.admitted += 1
-        self.until = now + self.settings.open_for
-
-    def record(self, now: float, failed: bool, epoch: int, probe: bool) -> None:
-        """Count the outcome of a call admitted in ``epoch``; open or close as it says."""
-        if epoch != self.epoch:
-            return
-        if probe:
-            self._probe_done(now, failed)
-            return
-        self.add(now, failed)
-        if failed:
-            self.streak += 1
-            self._trip_if_over(now)
-        elif self.streak:
-            self.streak = 0
-
-    def _trip_if_over(self, now: float) -> None:
-        """Open on ``consecutive`` failures in a row, or when calls >= min_calls and
-        fails / calls >= failure_ratio."""
-        fails, calls, settings = self.fails, self.calls, self.settings
-        if self.streak >= settings.consecutive:
-            self._open(now, f"{self.streak} failures in a row")
-        elif calls >= settings.min_calls and fails / calls >= settings.failure_ratio:
-            self._open(now, f"{fails} of {calls} calls failed")
-
-    def _probe_done(self, now: float, failed: bool) -> None:
-        """A failed probe re-opens for a longer break; ``half_open_probes`` successes close."""
-        if failed:
-            self.level += 1
-            self._open(now, "a probe failed")
-        else:
-            self.successes += 1
-            if self.successes >= self.settings.half_open_probes:
-                self._close()
-
-    def release(self, epoch: int) -> None:
-        """Give back the probe slot of a call that ended without an outcome."""
-        if epoch == self.epoch:
-            self.admitted -= 1
-
-    def is_idle(self) -> bool:
-        """Nothing to remember beyond soft counts: closed, or its open/probe time is up."""
-        return self.state == CLOSED or self.until <= _clock.now()
-
-    def _open(self, now: float, why: str) -> None:
-        settings = self.settings
-        pause = next_break(settings.open_for, settings.max_open_for, self.level, random.random())
-        self.state = OPEN
-        self.epoch += 1
-        self.until = now + pause
-        self.streak = 0
-        if logger.isEnabledFor(logging.WARNING):
-            logger.warning(
-                "circuit_breaker: opened on %s (%s); failing fast for %s, half-open at %s",
-                self.key,
-                why,
-                human_duration(pause),
-                _clock.wall_after(pause).isoformat(timespec="seconds"),
-            )
-        _events.emit("circuit_opened", _KIND, self.key, delay=pause, reason=why)
-
-    def _half_open(self, *, overdue: bool) -> None:
-        self.state = HALF_OPEN
-        self.epoch += 1
-        self.admitted = self.successes = 0
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "circuit_breaker: half-open on %s%s; admitting up to %d probe(s)",
-                self.key,
-                " again (the probes in flight are overdue)" if overdue else "",
-                self.settings.half_open_probes,
-            )
-        reason = "probes overdue" if overdue else "open_for elapsed"
-        _events.emit("circuit_half_open", _KIND, self.key, reason=reason)
-
-    def _close(self) -> None:
-        self.state = CLOSED
-        self.epoch += 1
-        self.admitted = self.successes = self.streak = self.level = 0
-        self.clear()
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "circuit_breaker: closed on %s (%d probe(s) succeeded)",
-                self.key,
-                self.settings.half_open_probes,
-            )
-        _events.emit("circuit_closed", _KIND, self.key, reason="probes succeeded")
-
-
-class _Throttled(Window):
-    """``mode="adaptive"``: one key's client-side adaptive throttling (SRE book).
-
-    The window counts ``requests`` (``calls``: every call, those rejected here included)
-    and the failures among them (``fails``: rejected here, or failed); accepts =
-    requests − fails. Once the window holds ``min_calls`` requests, a call is rejected
-    locally (``CircuitOpenError``, nothing sent) with probability
-    :func:`reject_probability` ``(requests, accepts)``, which is above 0 only while
-    requests > K × accepts (more than half of the calls fail, K = 2). ``state`` reads
-    ``OPEN`` while that holds (the caller then asks :meth:`admit`), else ``CLOSED``.
-    There are no probes and no epochs: every outcome counts.
-    """
-
-    __slots__ = ("epoch", "key", "min_calls", "state")
-
-    def __init__(self, key: str, settings: _Settings) -> None:
-        super().__init__(settings.width, BUCKETS)
-        self.key = key
-        self.min_calls = settings.min_calls
-        self.state = CLOSED
-        self.epoch = 0
-
-    def admit(self, now: float, request: ClientRequest | None = None) -> None:
-        """Reject with the SRE book's probability (counted as a request not accepted)."""
-        self.advance(now)
-        calls = self.calls
-        if calls >= self.min_calls:
-            p = reject_probability(calls, calls - self.fails)
-            if p > 0.0 and random.random() < p:
-                self.add(now, True)
-                _events.emit(
-                    "circuit_rejected", _KIND, self.key, request, delay=0.0, reason="adaptive"
-                )
-                raise CircuitOpenError(self.key, 0.0)
-        self._steer()
-
-    def record(self, now: float, failed: bool, epoch: int, probe: bool) -> None:
-        """Count one request's outcome."""
-        self.add(now, failed)
-        if failed or self.state:
-            self._steer()
-
-    def _steer(self) -> None:
-        calls = self.calls
-        self.state = OPEN if calls - ADAPTIVE_K * (calls - self.fails) > 0.0 else CLOSED
-
-    def release(self, epoch: int) -> None:
-        """Nothing is held."""
-
-    def is_idle(self) -> bool:
-        return True
-
-    @property
-    def until(self) -> float:
-        return 0.0
-
-    @property
-    def admitted(self) -> int:
-        return 0
 
 
 class CircuitBreaker(Policy):
@@ -371,9 +135,11 @@ class CircuitBreaker(Policy):
       10 000) bounds the map: when full, closed circuits (their counts are soft state)
       and circuits whose open time is up are evicted oldest first.
     - ``storage``: ``"memory://"`` (default), or a Redis URI: one circuit per key for
-      every process, same rules (see :mod:`resilient.storage._breaker`; two round trips
-      a request). ``on_storage_error``: ``"raise"`` (``StorageError``, nothing sent) or
-      ``"allow"`` (an in-memory breaker of this process decides while Redis fails).
+      every process, same rules (see :mod:`resilient.storage._breaker`: no round trip
+      on the caller's path while this process knows the key closed or open, outcomes
+      sent in the background). ``on_storage_error``: ``"raise"`` (``StorageError``,
+      nothing sent) or ``"allow"`` (this process's own circuits decide while Redis
+      fails).
 
     Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
     successes. Cancellation is not an outcome (it frees a probe slot); note that
@@ -383,13 +149,15 @@ class CircuitBreaker(Policy):
 
     __slots__ = (
         "_circuits",
-        "_get",
+        "_fallback",
         "_key",
         "_max_keys",
+        "_memory",
         "_mode",
         "_settings",
         "_shared",
         "_storage",
+        "_store",
         "_window",
     )
 
@@ -443,13 +211,13 @@ class CircuitBreaker(Policy):
                 "CircuitBreaker: mode='adaptive' keeps its counts in memory; storage must be"
                 " 'memory://' with it"
             )
-        self._settings = settings = _Settings(
+        self._settings = settings = Settings(
             float(failure_ratio),
             min_calls,
             float(open_for),
             half_open_probes,
             window / BUCKETS,
-            _NEVER if consecutive_failures is None else consecutive_failures,
+            NEVER if consecutive_failures is None else consecutive_failures,
             float(max_open_for),
         )
         self._mode: Mode = mode
@@ -457,69 +225,65 @@ class CircuitBreaker(Policy):
         self._key = key
         self._storage = storage
         self._max_keys = max_keys
-        state = _Throttled if mode == "adaptive" else _Circuit
-        self._circuits: KeyedState[_Circuit | _Throttled] = KeyedState(
-            _factory(settings, state), _is_idle, max_keys
-        )
-        self._get = self._circuits.get
-        self._shared = None
+        self._memory = MemoryCircuits(settings, mode == "adaptive", max_keys)
+        """This process's circuits: the store, or with Redis the one used while it fails."""
+        self._circuits = self._memory.circuits
+        self._shared: RedisCircuits | None = None
+        self._store: CircuitStore = self._memory
+        self._fallback: MemoryCircuits | None = None
+        """The store that decides while Redis fails (``on_storage_error="allow"``)."""
         if is_shared(storage):
-            from .storage._breaker import SharedCircuits
+            from .storage._breaker import RedisCircuits
             from .storage._redis import RedisStore
 
-            fallback = CircuitBreaker(
-                failure_ratio=failure_ratio,
-                min_calls=min_calls,
-                window=window,
-                open_for=open_for,
-                half_open_probes=half_open_probes,
-                key=key,
-                max_keys=max_keys,
-                consecutive_failures=consecutive_failures,
-                max_open_for=max_open_for,
-            )
-            self._shared = SharedCircuits(
-                RedisStore(storage), settings, BUCKETS, fallback, on_error
-            )
+            self._store = self._shared = RedisCircuits(RedisStore(storage), settings, BUCKETS)
+            self._fallback = self._memory if on_error == "allow" else None
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
-        if self._shared is not None:
-            return await self._shared.call(key, request, handler)
-        circuit = self._get(key) or self._circuits.get_or_create(key)
-        probe = circuit.state != CLOSED
-        if probe:
-            circuit.admit(_clock.now_for(request), request)  # CircuitOpenError while open
-        epoch = circuit.epoch
+        store = self._store
+        ticket = store.admit(key, request)  # CircuitOpenError: refused, nothing sent
+        if ticket is None:  # the store must ask its backend
+            store, ticket = await self._ask(key, request)
         try:
             resp = await handler(request)
         except BaseException as exc:
             if is_failure(exc):
-                circuit.record(_clock.now_for(request), True, epoch, probe)
-            elif probe:  # cancelled, or not an outcome of this attempt
-                circuit.release(epoch)
+                store.record(ticket, True, request.loop.time())
+            else:  # cancelled, or not an outcome of this attempt
+                store.release(ticket)
             raise
-        circuit.record(_clock.now_for(request), resp.status >= 500, epoch, probe)
+        store.record(ticket, resp.status >= 500, request.loop.time())
         return resp
+
+    async def _ask(self, key: str, request: ClientRequest) -> tuple[CircuitStore, Ticket]:
+        """The backend's answer; when it fails, ``StorageError``, or with
+        ``on_storage_error="allow"`` a warning and this process's own circuit's answer."""
+        store = self._store
+        try:
+            return store, await store.ask(key, request)
+        except StorageError as exc:
+            fallback = self._fallback
+            if fallback is None:
+                raise
+            store.warn(exc)
+            return fallback, fallback.admit(key, request)
 
     def stats(self) -> dict[str, CircuitStats]:
         """A snapshot of every key's circuit (call it inside the event loop); with a Redis
-        storage, of the in-memory fallback's circuits."""
-        if self._shared is not None:
-            return self._shared.fallback.stats()
+        storage, of this process's own circuits (those used while Redis fails)."""
         now = _clock.now()
         return {key: _snapshot(circuit, now) for key, circuit in self._circuits.items()}
 
     def state(self, key: str) -> str:
         """``"closed"``, ``"open"`` or ``"half_open"`` (open past its break reads
         half-open: the next request is a probe; ``mode="adaptive"`` reads ``"open"``
-        while it may reject). Call it inside the event loop."""
-        circuit = self._get(key)
-        if circuit is None:
-            return "closed"
-        return _STATE_NAMES[_state_at(circuit, _clock.now())]
+        while it may reject); with a Redis storage, what this process knows now (its
+        mirror of the shared circuit: closed when it knows nothing). Call it inside the
+        event loop."""
+        return STATE_NAMES[self._store.state(key)]
 
     @property
     def failure_ratio(self) -> float:
@@ -544,7 +308,7 @@ class CircuitBreaker(Policy):
     @property
     def consecutive_failures(self) -> int | None:
         consecutive = self._settings.consecutive
-        return None if consecutive == _NEVER else consecutive
+        return None if consecutive == NEVER else consecutive
 
     @property
     def max_open_for(self) -> float:
@@ -579,43 +343,22 @@ class CircuitBreaker(Policy):
         )
 
 
-def _is_idle(circuit: _Circuit | _Throttled) -> bool:
-    return circuit.is_idle()
-
-
-def _state_at(circuit: _Circuit | _Throttled, now: float) -> int:
-    """``circuit.state``, but open past ``until`` reads half-open (not in adaptive mode)."""
-    state = circuit.state
-    if state == OPEN and circuit.until <= now and not isinstance(circuit, _Throttled):
-        return HALF_OPEN
-    return state
-
-
-def _snapshot(circuit: _Circuit | _Throttled, now: float) -> CircuitStats:
+def _snapshot(circuit: Circuit | Throttled, now: float) -> CircuitStats:
     """``circuit`` at ``now``: open past ``until`` reads half-open, as in ``state()``."""
-    state = _state_at(circuit, now)
+    state = circuit.state_at(now)
     circuit.advance(now)  # slide the window to now (what the next outcome would do)
     calls, fails = circuit.calls, circuit.fails
     retry_after = max(0.0, circuit.until - now) if state == OPEN else 0.0
     return CircuitStats(
         key=circuit.key,
-        state=_STATE_NAMES[state],
+        state=STATE_NAMES[state],
         calls=calls,
         failures=fails,
         failure_ratio=fails / calls if calls else 0.0,
         retry_after=retry_after,
         open_until=_clock.wall_after(retry_after) if state == OPEN else None,
-        probes=max(circuit.admitted, 0) if circuit.state == HALF_OPEN else 0,
+        probes=circuit.admitted if circuit.state == HALF_OPEN else 0,
     )
-
-
-def _factory(
-    settings: _Settings, state: type[_Circuit] | type[_Throttled]
-) -> Callable[[str], _Circuit | _Throttled]:
-    def new_circuit(key: str) -> _Circuit | _Throttled:
-        return state(key, settings)
-
-    return new_circuit
 
 
 def _real(value: object) -> TypeGuard[float]:

@@ -29,9 +29,13 @@ class CircuitOpenError(ResilienceError):
     """
 
     def __init__(self, key: str, retry_after: float) -> None:
+        # No super().__init__ and no message formatted here: this is the fail-fast path
+        # (the message is made when shown; ``args`` is ``(key, retry_after)``).
         self.key = key
         self.retry_after = retry_after
-        super().__init__(f"circuit open for {key}; retry in {retry_after:.3f}s")
+
+    def __str__(self) -> str:
+        return f"circuit open for {self.key}; retry in {self.retry_after:.3f}s"
 
     def __reduce__(self) -> tuple[type[CircuitOpenError], tuple[str, float]]:
         return (type(self), (self.key, self.retry_after))

@@ -1,84 +1,135 @@
 """Circuit breakers shared through Redis: one circuit per key for every process.
 
-``lua/breaker.lua`` keeps a key's state, epoch, open-until and half-open slots, and its
-window of outcomes (``BUCKETS`` buckets of calls and failures, each tagged with its
-number so stale ones are skipped) in one Redis hash, on Redis's clock. The rules are
-those of :mod:`resilient._breaker`; each request costs two round trips:
+:class:`RedisCircuits` is the Redis peer of :class:`~resilient._circuit_store.MemoryCircuits`
+(the same :class:`~resilient._circuit_store.CircuitStore` interface). ``lua/breaker.lua``
+keeps a key's circuit (state, epoch, open-until, the tokens of the half-open slots, the
+window's buckets) in one Redis hash, on Redis's clock, and runs the steps of
+:class:`~resilient._circuit.Circuit`, the state machine it mirrors.
 
-- ``admit`` before sending: closed, a half-open probe (slots elected atomically), or
-  rejected with the seconds until half-open (``CircuitOpenError``, nothing sent);
-- ``record`` its outcome (an outcome of an older epoch is ignored), which opens or
-  closes the circuit for everyone; ``release`` a probe slot that got no outcome.
+**Round trips.** A caller waits for Redis only when this process does not know the key:
 
-Every admission carries a token of its own, the name of the half-open slot it may take;
-``release`` names it, so it frees that slot and never another's. Every path that does
-not record an outcome hands the slot back in the background: the caller failed
-without an outcome, was cancelled (during ``admit`` too: Redis may have admitted it),
-or its ``admit`` failed (a reply after the storage timeout). A release that reaches
-Redis before its admission (overtaken) makes that admission take nothing. The outcome
-is recorded even if the caller is cancelled meanwhile (the response is released then).
+- a *local mirror* of each key: an answer "closed in epoch e" is trusted for
+  :data:`CLOSED_LEASE` seconds from when it was asked (the calls admitted meanwhile
+  share one ticket: no round trip); an answer "open for s seconds" is trusted until
+  the break ends (refused here, no round trip; nothing can close an open circuit
+  before its break ends), a refusal while half-open for at most :data:`CLOSED_LEASE`;
+- outcomes are recorded in the background, in order, per key: successes are counted
+  and sent every :data:`RECORD_FLUSH` seconds (one round trip per key, whose answer
+  renews the lease, so a busy healthy key costs no round trip on any caller's path);
+  a failure, or a probe's outcome, is news: it is sent at once (behind the key's send
+  in flight, if any), and the key's mirror is distrusted until its answer is back: the
+  next caller of the key waits for that answer (it says closed, or opened: refused
+  here) rather than asking on its own. So a trip is seen here one round trip after
+  the failure that caused it, and by other processes within a lease.
+- only then: ``admit`` (one round trip), under a token of its own, the name of the
+  half-open slot it may take.
 
-A Redis failure before sending raises ``StorageError`` (``on_storage_error="raise"``)
-or falls back to an in-memory breaker of this process (``"allow"``). A failure to
-record an outcome after the response never costs the caller the response: it is
-logged.
+Every answer is numbered by when it was asked, and a key's mirror takes an answer only
+if nothing newer is known (an older answer overtaken by a newer one, or by local news,
+is dropped). A batch of outcomes keeps their order as run lengths (successes,
+failures, successes, ...), which the script replays one outcome at a time, so the
+run of failures and the ratio trip exactly as if each were sent alone (all at the
+batch's time on Redis's clock, at most a flush interval late).
+
+**What is held is handed back.** Every path that ends without an outcome releases the
+token it was admitted under, in the background: the caller failed without an outcome,
+was cancelled (during ``admit`` too: Redis may have admitted it), or its ``admit``
+failed (a reply after the storage timeout). A release that reaches Redis before its
+admission (overtaken) makes that admission take nothing. A probe's outcome that Redis
+does not take (an error) releases its slot. A failure to record or release is logged
+(at most every ``WARN_EVERY`` seconds); a probe slot whose release is lost frees itself
+``open_for`` after its admission.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import random
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
-
-from .. import _clock, _events
-from .._breaker import is_failure
-from .._errors import CircuitOpenError, StorageError
-from .._log import human_duration, logger
-from . import OnStorageError
+from .. import _clock
+from .._circuit import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, Settings, Ticket
+from .._circuit_store import KIND, announce, announce_half_open, refuse
+from .._errors import StorageError
 from ._redis import KEY_PREFIX, RedisStore, T, seconds, tag, text
 
 if TYPE_CHECKING:
-    from .._breaker import CircuitBreaker, _Settings
+    from aiohttp import ClientRequest
 
-__all__ = ["SharedCircuits"]
+__all__ = ["CLOSED_LEASE", "MAX_RUNS", "MIRROR_KEYS", "RECORD_FLUSH", "RedisCircuits"]
 
-_KIND = "circuit_breaker"
-_NAMES = ("closed", "open", "half_open")
+CLOSED_LEASE = 0.1
+"""Seconds an answer "closed" is trusted without asking again: a trip by another process
+is seen at most this late (a trip by this process, one round trip after its failure)."""
+RECORD_FLUSH = 0.05
+"""Seconds between two sends of a key's counted successes (below the lease, so a busy
+key's lease is renewed before it runs out)."""
+MIRROR_KEYS = 4096
+"""Keys this process remembers at once (expired ones go first, then the oldest)."""
+MAX_RUNS = 64
+"""Run lengths one key's batch holds before it is sent without waiting for the flush."""
+
+_SHARED = ", shared"
+_CHANGES = ("opened", "closed")
+_TRANSITIONS = ("", "half_open", "half_open_again")
 
 
-class SharedCircuits:
-    """The Redis side of a :class:`~resilient.CircuitBreaker` (see the module docstring).
+class _Known:
+    """What this process knows of one key's shared circuit: ``ticket`` (closed: the
+    ticket its calls share) or refused until loop time ``ends`` (``state`` open or
+    half-open), trusted until loop time ``until`` (0: nothing trusted); ``seq``: the
+    number of the answer (or of the local news) it comes from."""
 
-    ``settings``: the breaker's; ``buckets``: its window's; ``fallback``: an in-memory
-    breaker with the same settings.
+    __slots__ = ("ends", "seq", "state", "ticket", "until")
+
+    def __init__(
+        self, seq: int, until: float, state: int, ticket: Ticket | None, ends: float
+    ) -> None:
+        self.seq = seq
+        self.until = until
+        self.state = state
+        self.ticket = ticket
+        self.ends = ends
+
+
+class _Group:
+    """Outcomes of one key waiting to be sent: one probe's (``token`` its slot), or the
+    run lengths of calls admitted while closed in ``epoch``."""
+
+    __slots__ = ("epoch", "probe", "runs", "token")
+
+    def __init__(self, epoch: int, probe: bool, runs: list[int], token: str = "") -> None:
+        self.epoch = epoch
+        self.probe = probe
+        self.runs = runs
+        self.token = token
+
+
+class RedisCircuits:
+    """The Redis store of a :class:`~resilient.CircuitBreaker` (see the module docstring).
+
+    ``settings``: the breaker's rules; ``buckets``: its window's.
     """
 
     __slots__ = (
         "_args",
         "_client",
-        "_fallback",
+        "_flights",
         "_max_open_for",
-        "_on_error",
+        "_mirror",
+        "_pending",
         "_probes",
         "_seq",
         "_store",
         "_tasks",
+        "_timer",
+        "_urgent",
     )
 
-    def __init__(
-        self,
-        store: RedisStore,
-        settings: _Settings,
-        buckets: int,
-        fallback: CircuitBreaker,
-        on_error: OnStorageError,
-    ) -> None:
+    def __init__(self, store: RedisStore, settings: Settings, buckets: int) -> None:
         self._store = store
         s = settings
         self._args: list[Any] = [
@@ -87,101 +138,252 @@ class SharedCircuits:
         ]  # fmt: skip
         self._max_open_for = s.max_open_for
         self._probes = s.half_open_probes
-        self._fallback = fallback
-        self._on_error = on_error
         self._client = uuid.uuid4().hex
         self._seq = 0
+        """Numbers every question to Redis and every piece of local news, in order."""
+        self._mirror: dict[str, _Known] = {}
+        self._pending: dict[str, list[_Group]] = {}
+        self._urgent: set[str] = set()
+        """Keys whose pending outcomes hold news (a failure, a probe's outcome)."""
+        self._flights: dict[str, asyncio.Task[None]] = {}
+        """key -> its outcomes on their way (one send per key at a time, in order)."""
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
-    def fallback(self) -> CircuitBreaker:
-        """The in-memory breaker used while Redis fails (``on_storage_error="allow"``)."""
-        return self._fallback
+    def store(self) -> RedisStore:
+        return self._store
 
-    async def call(
-        self, key: str, request: ClientRequest, handler: ClientHandlerType
-    ) -> ClientResponse:
-        """Admit, send, record: the shared breaker's ``__call__``."""
-        self._seq += 1
-        token = f"{self._client}:{self._seq}"  # the name of the slot it may take
+    # --- the interface --------------------------------------------------------------
+
+    def admit(self, key: str, request: ClientRequest) -> Ticket | None:
+        """From the mirror: the key's closed ticket, ``CircuitOpenError``, or None."""
+        known = self._mirror.get(key)
+        if known is None:
+            return None
+        now = request.loop.time()
+        if now >= known.until:
+            return None
+        ticket = known.ticket
+        if ticket is not None:
+            return ticket
+        retry_after = min(known.ends - now, self._max_open_for)
+        raise refuse(key, retry_after, STATE_NAMES[known.state], request)
+
+    async def ask(self, key: str, request: ClientRequest) -> Ticket:
+        """The key's news on its way answers this caller too; else one round trip."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            await asyncio.wait((flight,))
+            ticket = self.admit(key, request)
+            if ticket is not None:
+                return ticket
+        now, seq = request.loop.time(), self._next()
+        token = f"{self._client}:{seq}"  # the name of the slot it may take
         try:
-            verdict, epoch, retry_after, transition = await self._run(
-                key, "admit", _admission, token
+            verdict, epoch, left, state, change = await self._run(key, "admit", _admission, token)
+        except BaseException:  # Redis may have admitted it: hand the slot back
+            self._free(key, token)
+            raise
+        if change:
+            announce_half_open(key, change, self._probes, _SHARED)
+        if verdict > 0:
+            self._distrust(key)
+            return Ticket(key, epoch, True, token)
+        self._learn(key, seq, now, state, epoch, left, refused=verdict < 0)
+        if verdict == 0:
+            known = self._mirror.get(key)
+            if known is not None and known.ticket is not None and known.ticket.epoch == epoch:
+                return known.ticket
+            return Ticket(key, epoch)
+        raise refuse(key, min(left, self._max_open_for), STATE_NAMES[state], request)
+
+    def record(self, ticket: Ticket, failed: bool, now: float) -> None:
+        """Queue the outcome (see the module docstring: news goes at once)."""
+        key = ticket.key
+        if ticket.probe:
+            self._queue(key).append(
+                _Group(ticket.epoch, True, [0, 1] if failed else [1], ticket.token)
             )
-        except BaseException as exc:  # Redis may have admitted it: hand the slot back
-            self._release(key, token)
-            if not isinstance(exc, StorageError) or self._on_error == "raise":
-                raise
-            self._store.warn(_KIND, exc, _clock.now())
-            return await self._fallback(request, handler)
-        if verdict < 0:
-            retry_after = min(retry_after, self._max_open_for)
-            _events.emit("circuit_rejected", _KIND, key, request, delay=retry_after, reason="open")
-            raise CircuitOpenError(key, retry_after)
-        probe = verdict == 1
-        if transition:
-            _half_open(key, transition == "half_open_again")
-        try:
-            resp = await handler(request)
-        except BaseException as exc:
-            if is_failure(exc):
-                await self._settle(key, epoch, True, probe, token)
-            elif probe:
-                self._release(key, token)
-            raise
-        try:
-            await self._settle(key, epoch, resp.status >= 500, probe, token)
-        except BaseException:  # cancelled: the outcome is still recorded
-            resp.release()
-            raise
-        return resp
+            self._news(key)
+            return
+        groups = self._queue(key)
+        last = groups[-1] if groups else None
+        if last is None or last.probe or last.epoch != ticket.epoch:
+            last = _Group(ticket.epoch, False, [])
+            groups.append(last)
+        runs = last.runs
+        if failed:
+            if len(runs) % 2:  # after successes (or nothing yet): a new run of failures
+                runs.append(1)
+            elif runs:
+                runs[-1] += 1
+            else:
+                runs += (0, 1)
+            self._news(key)
+            return
+        if len(runs) % 2:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        if len(runs) > MAX_RUNS and key not in self._flights:
+            self._send(key)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(RECORD_FLUSH, self._flush)
 
-    async def state(self, key: str) -> tuple[str, float]:
-        """``key``'s state name and the seconds until its open (or probe) time ends."""
-        state: tuple[str, float] = await self._run(key, "state", _state)
-        return state
+    def release(self, ticket: Ticket) -> None:
+        """Free the slot of a probe that ended without an outcome (in the background)."""
+        if ticket.probe:
+            self._distrust(ticket.key)
+            self._free(ticket.key, ticket.token)
+
+    def state(self, key: str) -> int:
+        """What the mirror knows now (closed when it knows nothing)."""
+        known = self._mirror.get(key)
+        if known is None or known.ticket is not None or _clock.now() >= known.until:
+            return CLOSED
+        return known.state
+
+    def warn(self, exc: StorageError) -> None:
+        self._store.warn(KIND, exc, _clock.now())
+
+    # --- beyond the interface -------------------------------------------------------
+
+    async def read(self, key: str) -> tuple[str, float]:
+        """``key``'s shared state name and the seconds until its open (or probe) time ends."""
+        return await self._run(key, "state", _state)
 
     async def drain(self) -> None:
-        """Wait until the background work (releases, outcomes) is done (tests, shutdown)."""
-        while self._tasks:
+        """Send every pending outcome now and wait until the background work is done
+        (tests, shutdown)."""
+        while True:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for key in [k for k in self._pending if k not in self._flights]:
+                self._send(key)
+            if not self._tasks:
+                return
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- the mirror -----------------------------------------------------------------
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _distrust(self, key: str) -> None:
+        """Local news of ``key``: trust nothing known of it, nor any answer asked before."""
+        self._keep(key, _Known(self._next(), 0.0, CLOSED, None, 0.0))
+
+    def _learn(
+        self,
+        key: str,
+        seq: int,
+        asked: float,
+        state: int,
+        epoch: int,
+        left: float,
+        *,
+        refused: bool,
+    ) -> None:
+        """Redis answered the question ``seq`` asked at loop time ``asked``: the key is in
+        ``state`` (``epoch``), ``left`` seconds from the end of its break or probe time.
+        Durations count from ``asked`` (earlier than Redis's answer: never trusted too long)."""
+        known = self._mirror.get(key)
+        if known is not None and known.seq > seq:
+            return  # something newer is known
+        if state == CLOSED:
+            ticket = known.ticket if known is not None else None
+            if ticket is None or ticket.epoch != epoch:
+                ticket = Ticket(key, epoch)
+            self._keep(key, _Known(seq, asked + CLOSED_LEASE, CLOSED, ticket, 0.0))
+        elif state == OPEN:
+            ends = asked + min(left, self._max_open_for)
+            self._keep(key, _Known(seq, ends, OPEN, None, ends))
+        elif refused:  # half-open, every slot taken: a probe elsewhere may close it soon
+            ends = asked + left
+            self._keep(key, _Known(seq, min(ends, asked + CLOSED_LEASE), HALF_OPEN, None, ends))
+        else:
+            self._keep(key, _Known(seq, 0.0, HALF_OPEN, None, 0.0))
+
+    def _keep(self, key: str, known: _Known) -> None:
+        """Remember ``known`` (at most :data:`MIRROR_KEYS` keys)."""
+        mirror = self._mirror
+        if len(mirror) >= MIRROR_KEYS and key not in mirror:
+            now = _clock.now()
+            for name in [name for name, k in mirror.items() if k.until <= now]:
+                del mirror[name]
+            if len(mirror) >= MIRROR_KEYS:
+                del mirror[next(iter(mirror))]
+        mirror[key] = known
+
+    # --- outcomes, in the background ------------------------------------------------
+
+    def _queue(self, key: str) -> list[_Group]:
+        groups = self._pending.get(key)
+        if groups is None:
+            groups = self._pending[key] = []
+        return groups
+
+    def _news(self, key: str) -> None:
+        """A failure or a probe's outcome: distrust the key, send its outcomes now."""
+        self._distrust(key)
+        self._urgent.add(key)
+        if key not in self._flights:
+            self._send(key)
+
+    def _flush(self) -> None:
+        """The flush timer: send every key's pending outcomes (keys with a send in flight
+        follow when it lands)."""
+        self._timer = None
+        for key in [k for k in self._pending if k not in self._flights]:
+            self._send(key)
+
+    def _send(self, key: str) -> None:
+        groups = self._pending.pop(key)
+        self._urgent.discard(key)
+        self._flights[key] = self._background(self._fly(key, groups))
+
+    async def _fly(self, key: str, groups: list[_Group]) -> None:
+        """Send ``groups`` (one round trip); the answer updates the mirror."""
+        seq, asked = self._next(), _clock.now()
+        args: list[int] = [len(groups)]
+        for group in groups:
+            args += (group.epoch, int(group.probe), len(group.runs), *group.runs)
+        try:
+            state, epoch, left, changes = await self._run(key, "record", self._outcome, *args)
+        except StorageError as exc:
+            self._store.warn(KIND, exc, _clock.now(), "these outcomes are not counted")
+            for group in groups:
+                if group.probe:  # its slot is not settled: free it
+                    self._free(key, group.token)
+            return
+        finally:
+            del self._flights[key]
+            if key in self._urgent:
+                self._send(key)
+            elif key in self._pending and self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(RECORD_FLUSH, self._flush)
+        for change, pause, why in changes:
+            announce(key, change, pause=pause, why=why, probes=self._probes, where=_SHARED)
+        self._learn(key, seq, asked, state, epoch, left, refused=False)
+
+    def _free(self, key: str, token: str) -> None:
+        """Release the admission named ``token`` in the background."""
+        self._background(self._release(key, token))
+
+    async def _release(self, key: str, token: str) -> None:
+        try:
+            await self._run(key, "release", _ignore, token)
+        except StorageError as exc:
+            self._store.warn(KIND, exc, _clock.now(), "the probe slot frees after open_for")
 
     def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    def _release(self, key: str, token: str) -> None:
-        """Free the half-open slot named ``token`` (if it took one) in the background."""
-        self._background(self._free(key, token))
-
-    async def _free(self, key: str, token: str) -> None:
-        try:
-            await self._run(key, "release", _ignore, token)
-        except StorageError as exc:
-            self._store.warn(_KIND, exc, _clock.now(), "the probe slot frees after open_for")
-
-    async def _settle(self, key: str, epoch: int, failed: bool, probe: bool, token: str) -> None:
-        """Record the outcome; the caller waits for it, but a cancelled caller does not
-        stop it (a probe's slot is never left without its outcome)."""
-        await asyncio.shield(self._background(self._record(key, epoch, failed, probe, token)))
-
-    async def _record(self, key: str, epoch: int, failed: bool, probe: bool, token: str) -> None:
-        """Count an outcome; a probe's outcome that Redis did not take frees its slot."""
-        try:
-            transition, pause, why = await self._run(
-                key, "record", self._outcome, epoch, int(failed), int(probe)
-            )
-        except StorageError as exc:
-            self._store.warn(_KIND, exc, _clock.now(), "this outcome is not counted")
-            if probe:
-                self._release(key, token)
-            return
-        if transition == "opened":
-            _opened(key, why, pause)
-        elif transition == "closed":
-            _closed(key, self._probes)
 
     async def _run(self, key: str, op: str, parse: Callable[[Any], T], *args: int | str) -> T:
         """Script ``op`` on ``key``'s hash; every call draws the jitter of a break."""
@@ -192,53 +394,41 @@ class SharedCircuits:
             parse,
         )
 
-    def _outcome(self, reply: Any) -> tuple[str, float, str]:
-        """``record``: (transition, seconds of the break it opened for, why)."""
-        transition = text(reply[1]) if len(reply) > 1 else ""
-        if transition == "opened":
-            return transition, seconds(reply[2], self._max_open_for), text(reply[3])
-        return transition, 0.0, ""
+    def _outcome(self, reply: Any) -> tuple[int, int, float, list[tuple[str, float, str]]]:
+        """``record``: (state, epoch, seconds left, [(change, break seconds, why)])."""
+        state, epoch = _state_number(reply[0]), int(reply[1])
+        left = seconds(reply[2], math.inf)
+        changes = []
+        for i in range(3, len(reply) - 2, 3):
+            change = text(reply[i])
+            if change not in _CHANGES:
+                raise ValueError(change)
+            pause = seconds(reply[i + 1], self._max_open_for) if change == "opened" else 0.0
+            changes.append((change, pause, text(reply[i + 2])))
+        return state, epoch, left, changes
 
 
-def _admission(reply: Any) -> tuple[int, int, float, str]:
-    """``admit``: (verdict -1/0/1, epoch, seconds until half-open, transition)."""
+def _state_number(value: Any) -> int:
+    state = int(value)
+    if state not in (CLOSED, OPEN, HALF_OPEN):
+        raise ValueError(state)
+    return state
+
+
+def _admission(reply: Any) -> tuple[int, int, float, int, str]:
+    """``admit``: (verdict -1/0/1, epoch, seconds left, state, transition)."""
     verdict, epoch = int(reply[0]), int(reply[1])
     if verdict not in (-1, 0, 1):
         raise ValueError(verdict)
-    if verdict < 0:
-        return verdict, epoch, seconds(reply[2], math.inf), ""
-    return verdict, epoch, 0.0, text(reply[2]) if len(reply) > 2 else ""
+    change = text(reply[4])
+    if change not in _TRANSITIONS:
+        raise ValueError(change)
+    return verdict, epoch, seconds(reply[2], math.inf), _state_number(reply[3]), change
 
 
 def _state(reply: Any) -> tuple[str, float]:
-    return _NAMES[int(reply[0])], seconds(reply[1], math.inf)
+    return STATE_NAMES[_state_number(reply[0])], seconds(reply[1], math.inf)
 
 
 def _ignore(reply: Any) -> None:
     return None
-
-
-def _opened(key: str, why: str, pause: float) -> None:
-    _events.emit("circuit_opened", _KIND, key, delay=pause, reason=why)
-    if logger.isEnabledFor(logging.WARNING):
-        logger.warning(
-            "circuit_breaker: opened on %s (%s, shared); failing fast for %s, half-open at %s",
-            key,
-            why,
-            human_duration(pause),
-            _clock.wall_after(pause).isoformat(timespec="seconds"),
-        )
-
-
-def _half_open(key: str, overdue: bool) -> None:
-    reason = "probes overdue" if overdue else "open_for elapsed"
-    _events.emit("circuit_half_open", _KIND, key, reason=reason)
-    if logger.isEnabledFor(logging.INFO):
-        again = " again (the probes in flight are overdue)" if overdue else ""
-        logger.info("circuit_breaker: half-open on %s%s (shared)", key, again)
-
-
-def _closed(key: str, probes: int) -> None:
-    _events.emit("circuit_closed", _KIND, key, reason="probes succeeded")
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("circuit_breaker: closed on %s (%d probe(s) succeeded, shared)", key, probes)

@@ -1,4 +1,5 @@
 -- One key's circuit breaker shared by every process, on Redis's clock (TIME).
+-- The Lua mirror of resilient/_circuit.py's Circuit: same fields, same steps, same replies.
 -- KEYS[1]: hash {state (0 closed, 1 open, 2 half-open), epoch, until, admitted,
 --   slots (the tokens of the probes admitted in this half-open epoch, space-separated),
 --   gone (the last tokens released before their admission arrived), successes, streak
@@ -6,17 +7,23 @@
 --   and per bucket i (0..buckets-1): b<i> its number, n<i> calls, f<i> failures}.
 -- ARGV: op, failure_ratio, min_calls, open_for, half_open_probes, width, buckets,
 --   consecutive_failures, max_open_for, u (uniform in [0, 1): the jitter of a break), then
---   admit token           -> {0, epoch} closed | {1, epoch, transition} probe admitted,
---                            its slot named token | {-1, epoch, seconds until half-open}
---                            rejected (also a token already released: its caller is gone)
---   record epoch failed probe -> {state, transition, break seconds, reason}; an outcome
---                            of an older epoch is ignored
---   release token         -> the admission named token ended without an outcome (its
---                            caller failed, was cancelled, or never got the answer): free
---                            its slot. Not admitted (yet): remembered as gone, so an
---                            admission arriving later takes no slot. Never frees another's.
---   state                 -> {state, seconds until (half-)open ends}
--- Same rules as the in-memory circuit (resilient/_breaker.py, next_break for the break).
+--   admit token     -> {verdict, epoch, seconds, state, transition}: verdict 0 closed,
+--                      1 a probe (its slot named token), -1 refused for seconds (until the
+--                      break ends or the probes in flight are given up; also a token
+--                      already released: its caller is gone); transition '' | 'half_open'
+--                      | 'half_open_again'
+--   record n, then n groups (epoch, probe, k, k run lengths): the outcomes of calls
+--                      admitted in epoch, in order. probe 1: one probe's outcome (runs
+--                      {1}: success, {0, 1}: failure); probe 0: runs of successes,
+--                      failures, successes, ... of calls admitted while closed, each
+--                      counted as Circuit.record counts it. A stale epoch is ignored.
+--                   -> {state, epoch, seconds left (open or half-open), then per change:
+--                      'opened', break seconds, reason | 'closed', '', ''}
+--   release token   -> the admission named token ended without an outcome (its caller
+--                      failed, was cancelled, or never got the answer): free its slot.
+--                      Not admitted (yet): remembered as gone, so an admission arriving
+--                      later takes no slot. Never frees another's.
+--   state           -> {state, seconds left, epoch}
 -- Floats travel as strings.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -26,7 +33,10 @@ local probes, width, buckets = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(AR
 local consecutive, max_open_for, u = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local h = redis.call('HMGET', key, 'state', 'epoch', 'until', 'admitted', 'successes',
                      'streak', 'level', 'slots')
-local state, epoch = tonumber(h[1] or '0'), tonumber(h[2] or '0')
+-- A new hash (first use, expired, or a Redis that lost its data) starts its epochs at
+-- Redis's time in ms: a ticket admitted before can never match one of its epochs.
+local fresh = not h[2]
+local state, epoch = tonumber(h[1] or '0'), tonumber(h[2] or '') or math.floor(now * 1000)
 local untl, admitted, successes = tonumber(h[3] or '0'), tonumber(h[4] or '0'), tonumber(h[5] or '0')
 local streak, level, slots = tonumber(h[6] or '0'), tonumber(h[7] or '0'), h[8] or ''
 local GONE = 8  -- tokens remembered as gone
@@ -43,8 +53,9 @@ local function has(list, name)
   return string.find(' ' .. list .. ' ', ' ' .. name .. ' ', 1, true) ~= nil
 end
 
-local function clear_counts()
-  for i = 0, buckets - 1 do redis.call('HDEL', key, 'b' .. i, 'n' .. i, 'f' .. i) end
+local function left()
+  if state == 0 then return '0' end
+  return tostring(math.max(0, untl - now))
 end
 
 -- next_break: open_for after the trip from closed; after a failed probe, doubled with
@@ -55,24 +66,37 @@ local function next_break()
   return math.max(open_for, nominal * (0.5 + 0.5 * u))
 end
 
-local function trip(why)
+local changes = {}
+
+local function open(why)
   local pause = next_break()
   state, epoch, untl, admitted, successes, streak, slots = 1, epoch + 1, now + pause, 0, 0, 0, ''
-  clear_counts()
-  save()
-  return {state, 'opened', tostring(pause), why}
+  changes[#changes + 1] = 'opened'
+  changes[#changes + 1] = tostring(pause)
+  changes[#changes + 1] = why
+end
+
+local function close()
+  state, epoch, admitted, successes, streak, level, slots = 0, epoch + 1, 0, 0, 0, 0, ''
+  for i = 0, buckets - 1 do redis.call('HDEL', key, 'b' .. i, 'n' .. i, 'f' .. i) end
+  changes[#changes + 1] = 'closed'
+  changes[#changes + 1] = ''
+  changes[#changes + 1] = ''
 end
 
 if op == 'admit' then
-  if state == 0 then return {0, epoch} end
+  if state == 0 then
+    if fresh then save() end  -- its epoch, from now on
+    return {0, epoch, '0', state, ''}
+  end
   local token = ARGV[11]
-  if state == 2 and has(slots, token) then return {1, epoch, ''} end  -- sent again
+  if state == 2 and has(slots, token) then return {1, epoch, '0', state, ''} end  -- sent again
   if has(redis.call('HGET', key, 'gone') or '', token) then
-    return {-1, epoch, tostring(math.max(0, untl - now))}
+    return {-1, epoch, left(), state, ''}
   end
   local transition = ''
   if state == 1 or admitted >= probes then
-    if now < untl then return {-1, epoch, tostring(untl - now)} end
+    if now < untl then return {-1, epoch, tostring(untl - now), state, ''} end
     transition = (state == 2) and 'half_open_again' or 'half_open'
     state, epoch, admitted, successes, slots = 2, epoch + 1, 0, 0, ''
   end
@@ -80,54 +104,72 @@ if op == 'admit' then
   slots = (slots == '') and token or (slots .. ' ' .. token)
   untl = now + open_for
   save()
-  return {1, epoch, transition}
+  return {1, epoch, '0', state, transition}
 elseif op == 'record' then
-  local e, failed, probe = tonumber(ARGV[11]), ARGV[12] == '1', ARGV[13] == '1'
-  if e ~= epoch then return {state, ''} end
-  if probe then
-    if failed then
-      level = level + 1
-      return trip('a probe failed')
-    end
-    successes = successes + 1
-    if successes >= probes then
-      state, epoch, admitted, successes, streak, level, slots = 0, epoch + 1, 0, 0, 0, 0, ''
-      clear_counts()
-      save()
-      return {state, 'closed'}
-    end
-    save()
-    return {state, ''}
-  end
+  -- the window as of now: the current bucket, and the totals of the buckets in it
   local b = math.floor(now / width)
   local i = b % buckets
-  if tonumber(redis.call('HGET', key, 'b' .. i) or '-1') ~= b then
-    redis.call('HSET', key, 'b' .. i, b, 'n' .. i, 0, 'f' .. i, 0)
+  local calls, fails, n, f = 0, 0, 0, 0
+  local counted = false  -- the window was read (only outcomes of a closed epoch need it)
+  local function window()
+    for j = 0, buckets - 1 do
+      local row = redis.call('HMGET', key, 'b' .. j, 'n' .. j, 'f' .. j)
+      if tonumber(row[1] or '-1') > b - buckets then
+        calls = calls + tonumber(row[2] or '0')
+        fails = fails + tonumber(row[3] or '0')
+        if j == i then n, f = tonumber(row[2] or '0'), tonumber(row[3] or '0') end
+      end
+    end
+    counted = true
   end
-  redis.call('HINCRBY', key, 'n' .. i, 1)
-  redis.call('EXPIRE', key, ttl)
-  if not failed then
-    if streak > 0 then redis.call('HSET', key, 'streak', 0) end
-    return {state, ''}
-  end
-  redis.call('HINCRBY', key, 'f' .. i, 1)
-  streak = redis.call('HINCRBY', key, 'streak', 1)
-  if state ~= 0 then return {state, ''} end
-  if streak >= consecutive then
-    return trip(streak .. ' failures in a row')
-  end
-  local calls, fails = 0, 0
-  for j = 0, buckets - 1 do
-    local row = redis.call('HMGET', key, 'b' .. j, 'n' .. j, 'f' .. j)
-    if tonumber(row[1] or '-1') > b - buckets then
-      calls = calls + tonumber(row[2] or '0')
-      fails = fails + tonumber(row[3] or '0')
+  local at = 12
+  for _ = 1, tonumber(ARGV[11]) do
+    local e, probe, k = tonumber(ARGV[at]), ARGV[at + 1] == '1', tonumber(ARGV[at + 2])
+    local runs = at + 3
+    at = runs + k
+    if e == epoch and probe then
+      if state ~= 2 then  -- not a probe of this spell
+      elseif k >= 2 and tonumber(ARGV[runs + 1]) > 0 then  -- the probe failed
+        level = level + 1
+        open('a probe failed')
+      else
+        successes = successes + 1
+        if successes >= probes then
+          close()
+          counted, calls, fails, n, f = true, 0, 0, 0, 0
+        end
+      end
+    elseif e == epoch then
+      if not counted then window() end
+      for r = 0, k - 1 do
+        local count = tonumber(ARGV[runs + r])
+        if r % 2 == 0 then  -- successes
+          if count > 0 and e == epoch then
+            calls, n, streak = calls + count, n + count, 0
+          end
+        else  -- failures, one by one: the first that trips ends this epoch's outcomes
+          for _ = 1, count do
+            if e ~= epoch then break end
+            calls, fails, n, f, streak = calls + 1, fails + 1, n + 1, f + 1, streak + 1
+            if state == 0 then
+              if streak >= consecutive then
+                open(streak .. ' failures in a row')
+              elseif calls >= min_calls and fails / calls >= ratio then
+                open(fails .. ' of ' .. calls .. ' calls failed')
+              end
+            end
+          end
+        end
+      end
     end
   end
-  if calls >= min_calls and fails / calls >= ratio then
-    return trip(fails .. ' of ' .. calls .. ' calls failed')
+  if counted and (n > 0 or f > 0) then
+    redis.call('HSET', key, 'b' .. i, b, 'n' .. i, n, 'f' .. i, f)
   end
-  return {state, ''}
+  if #changes > 0 or counted then save() end
+  local reply = {state, epoch, left()}
+  for j = 1, #changes do reply[#reply + 1] = changes[j] end
+  return reply
 elseif op == 'release' then
   local token = ARGV[11]
   if state == 2 and has(slots, token) then
@@ -147,6 +189,6 @@ elseif op == 'release' then
   end
   return 1
 elseif op == 'state' then
-  return {state, tostring(math.max(0, untl - now))}
+  return {state, left(), epoch}
 end
 return redis.error_reply('unknown op ' .. op)
