@@ -210,21 +210,31 @@ class Circuit(Window):
         if epoch != self.epoch:
             return ""
         if probe:
-            if self.state != HALF_OPEN:
-                return ""
-            if failed:
-                self.level += 1
-                return self._open(now, "a probe failed")
-            self.successes += 1
-            if self.successes >= self.settings.half_open_probes:
-                return self._close()
-            return ""
-        self.add(now, failed)
+            return self._probe_done(now, failed)
+        if not self._start <= now < self._end:  # Window.add, inlined: the hot path
+            self.advance(now)
+        slot = self._slot
+        self._calls[slot] += 1
+        self.calls += 1
         if failed:
+            self._fails[slot] += 1
+            self.fails += 1
             self.streak += 1
             return self._trip_if_over(now)
         if self.streak:
             self.streak = 0
+        return ""
+
+    def _probe_done(self, now: float, failed: bool) -> str:
+        """A probe's outcome: a failure re-opens, ``half_open_probes`` successes close."""
+        if self.state != HALF_OPEN:
+            return ""
+        if failed:
+            self.level += 1
+            return self._open(now, "a probe failed")
+        self.successes += 1
+        if self.successes >= self.settings.half_open_probes:
+            return self._close()
         return ""
 
     def record_runs(self, now: float, epoch: int, runs: list[int]) -> list[str]:
