@@ -320,5 +320,5 @@ def test_the_redis_store_follows_the_model_through_faults(redis_server: RedisSer
         return model
 
     run_state_machine_as_test(
-        machine, settings=settings(max_examples=20, stateful_step_count=20, deadline=None)
+        machine, settings=settings(max_examples=25, stateful_step_count=25, deadline=None)
     )

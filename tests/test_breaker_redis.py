@@ -137,6 +137,28 @@ async def test_a_trip_by_another_process_is_seen_within_the_lease(redis_url):
     assert loop.time() - tripped <= CLOSED_LEASE + RECORD_FLUSH
 
 
+async def test_probes_that_succeed_one_by_one_close_the_circuit_together(redis_url):
+    """``half_open_probes=2``: each probe's success goes alone (news); the first is kept
+    in Redis (found by the model test: it was counted, then not saved)."""
+    breaker = _breaker(redis_url, consecutive_failures=1, open_for=0.1, half_open_probes=2)
+    store = breaker._shared
+    assert store is not None
+    await _call(breaker, down)
+    await store.drain()
+    await asyncio.sleep(0.15)
+    request = _request()
+    first = store.admit(KEY, request) or await store.ask(KEY, request)
+    second = store.admit(KEY, request) or await store.ask(KEY, request)
+    assert first.probe
+    assert second.probe
+    store.record(first, False, request.loop.time())
+    await store.drain()
+    assert (await store.read(KEY))[0] == "half_open"
+    store.record(second, False, request.loop.time())
+    await store.drain()
+    assert (await store.read(KEY))[0] == "closed"
+
+
 @pytest.mark.parametrize("consecutive", [3, None])
 async def test_a_batch_trips_where_its_outcomes_one_by_one_would(redis_url, consecutive):
     """Successes wait for the flush; failures go at once, each batch in order: the run

@@ -118,6 +118,7 @@ class RedisCircuits:
         "_args",
         "_client",
         "_flights",
+        "_loop",
         "_max_open_for",
         "_mirror",
         "_pending",
@@ -149,6 +150,8 @@ class RedisCircuits:
         """key -> its outcomes on their way (one send per key at a time, in order)."""
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the times, tasks and timer above (another one starts afresh)."""
 
     @property
     def store(self) -> RedisStore:
@@ -158,6 +161,8 @@ class RedisCircuits:
 
     def admit(self, key: str, request: ClientRequest) -> Ticket | None:
         """From the mirror: the key's closed ticket, ``CircuitOpenError``, or None."""
+        if request.loop is not self._loop:
+            self._adopt(request.loop)
         known = self._mirror.get(key)
         if known is None:
             return None
@@ -267,6 +272,17 @@ class RedisCircuits:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- the mirror -----------------------------------------------------------------
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A call in another event loop than the last (a test's, a new ``asyncio.run``):
+        what was known and pending belongs to the other loop's clock and tasks."""
+        self._loop = loop
+        self._mirror.clear()
+        self._pending.clear()
+        self._urgent.clear()
+        self._flights.clear()
+        self._timer = None
+        self._tasks = set()
 
     def _next(self) -> int:
         self._seq += 1

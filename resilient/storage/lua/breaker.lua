@@ -111,6 +111,7 @@ elseif op == 'record' then
   local i = b % buckets
   local calls, fails, n, f = 0, 0, 0, 0
   local counted = false  -- the window was read (only outcomes of a closed epoch need it)
+  local dirty = false  -- a probe's success counted (not a change, still to be saved)
   local function window()
     for j = 0, buckets - 1 do
       local row = redis.call('HMGET', key, 'b' .. j, 'n' .. j, 'f' .. j)
@@ -134,6 +135,7 @@ elseif op == 'record' then
         open('a probe failed')
       else
         successes = successes + 1
+        dirty = true
         if successes >= probes then
           close()
           counted, calls, fails, n, f = true, 0, 0, 0, 0
@@ -166,7 +168,7 @@ elseif op == 'record' then
   if counted and (n > 0 or f > 0) then
     redis.call('HSET', key, 'b' .. i, b, 'n' .. i, n, 'f' .. i, f)
   end
-  if #changes > 0 or counted then save() end
+  if #changes > 0 or counted or dirty then save() end
   local reply = {state, epoch, left()}
   for j = 1, #changes do reply[#reply + 1] = changes[j] end
   return reply
