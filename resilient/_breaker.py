@@ -14,6 +14,7 @@ nothing and frees the half-open probe slot it held.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import TYPE_CHECKING, Literal, TypeGuard
 
@@ -21,6 +22,7 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from . import _clock, _metrics
+from ._attempt import timed_out
 from ._circuit import (
     ADAPTIVE_K,
     BUCKETS,
@@ -250,7 +252,8 @@ class CircuitBreaker(Policy):
         try:
             resp = await handler(request)
         except BaseException as exc:
-            if is_failure(exc):
+            # an attempt abandoned by Retry's attempt_timeout is a read timeout: a failure
+            if is_failure(exc) or (isinstance(exc, asyncio.CancelledError) and timed_out()):
                 store.record(ticket, True, request.loop.time())
             else:  # cancelled, or not an outcome of this attempt
                 store.release(ticket)

@@ -320,3 +320,17 @@ def test_attempt_timeout_defaults_to_none_and_shows_in_the_repr():
     assert retry.attempt_timeout == 2.0
     assert isinstance(retry.attempt_timeout, float)
     assert "attempt_timeout=2.0)" in repr(retry)
+
+
+async def test_a_breaker_inside_retry_counts_an_abandoned_attempt_as_a_failure(server, client):
+    """A host that hangs is caught only by attempt_timeout: the breaker inside Retry sees
+    each abandoned attempt as a read timeout (a failure), so it trips."""
+    server.script("/", slow(30), slow(30))
+    breaker = resilient.CircuitBreaker(consecutive_failures=2, open_for=60.0)
+    retry = Retry(attempts=2, attempt_timeout=1, **NO_WAIT)
+    with pytest.raises(aiohttp.SocketTimeoutError):
+        await client.get(server.url, middlewares=resilient.chain(retry, breaker))
+    assert breaker.state(server.url) == "open"
+    with pytest.raises(resilient.CircuitOpenError):
+        await client.get(server.url, middlewares=(breaker,))
+    assert server.count() == 2
