@@ -151,6 +151,7 @@ class CircuitBreaker(Policy):
 
     __slots__ = (
         "_circuits",
+        "_closed",
         "_fallback",
         "_key",
         "_max_keys",
@@ -240,13 +241,15 @@ class CircuitBreaker(Policy):
 
             self._store = self._shared = RedisCircuits(RedisStore(storage), settings, BUCKETS)
             self._fallback = self._memory if on_error == "allow" else None
+        self._closed = self._store.closed
+        """Keys let through without calling the store (see ``CircuitStore.closed``)."""
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
         store = self._store
-        ticket = store.admit(key, request)  # CircuitOpenError: refused, nothing sent
+        ticket = self._closed.get(key) or store.admit(key, request)  # or CircuitOpenError
         if ticket is None:  # the store must ask its backend
             store, ticket = await self._ask(key, request)
         try:

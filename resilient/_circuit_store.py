@@ -8,7 +8,10 @@
 - ``await ask(key, request)`` does so (a ticket, ``CircuitOpenError``, or
   ``StorageError`` when the backend fails);
 - ``record(ticket, failed, now)``: the outcome; ``release(ticket)``: the call ended
-  without one (cancelled, or an error that is not an outcome), so its slot is freed.
+  without one (cancelled, or an error that is not an outcome), so its slot is freed;
+- ``closed``: a dict the breaker reads first, ``key -> ticket`` for keys it may let
+  through without asking the store at all (a closed circuit in memory: one dict lookup,
+  no call); a store whose answer depends on a clock (Redis's lease) leaves it empty.
 
 Times are the event loop's: the store reads ``request.loop.time()`` when it needs
 the time (a closed circuit in memory does not), ``record`` is told it. ``record`` and
@@ -59,6 +62,8 @@ KIND = "circuit_breaker"
 
 class CircuitStore(Protocol):
     """The breaker's state behind one interface (see the module docstring)."""
+
+    closed: dict[str, Ticket]
 
     def admit(self, key: str, request: ClientRequest) -> Ticket | None:
         """A ticket, ``CircuitOpenError``, or None (ask the backend)."""
@@ -134,11 +139,13 @@ class MemoryCircuits:
     ``mode="adaptive"``, a :class:`~resilient._circuit.Throttled`) per key, in a bounded
     map (``max_keys``; closed circuits and those whose break is over are evicted first).
 
-    ``admit`` always answers, synchronously: while a key is closed it is a dict lookup
-    and a comparison, and the calls admitted share the circuit's one closed ticket.
+    ``admit`` always answers, synchronously, and a closed key's ticket (the one all its
+    calls share) is in ``closed`` (not in ``mode="adaptive"``, whose state moves with
+    every outcome): the breaker finds it there without calling the store. A key leaves
+    ``closed`` when its circuit changes, and with its circuit when that is evicted.
     """
 
-    __slots__ = ("_get", "_probes", "_seq", "circuits", "settings")
+    __slots__ = ("_adaptive", "_get", "_probes", "_seq", "circuits", "closed", "settings")
 
     def __init__(self, settings: Settings, adaptive: bool, max_keys: int) -> None:
         self.settings = settings
@@ -149,10 +156,14 @@ class MemoryCircuits:
         )
         self._get = self.circuits.get
         self._seq = 0
+        self._adaptive = adaptive
+        self.closed: dict[str, Ticket] = {}
 
     def admit(self, key: str, request: ClientRequest) -> Ticket:
-        circuit = self._get(key) or self.circuits.get_or_create(key)
+        circuit = self._get(key) or self._create(key)
         if not circuit.state:
+            if not self._adaptive:
+                self.closed[key] = circuit.ticket
             return circuit.ticket
         now = request.loop.time()
         left = circuit.refusal(now)
@@ -166,6 +177,7 @@ class MemoryCircuits:
     def record(self, ticket: Ticket, failed: bool, now: float) -> None:
         circuit = self._get(ticket.key)  # None: evicted meanwhile (it was idle)
         if circuit is not None and circuit.record(now, failed, ticket.epoch, ticket.probe):
+            self.closed.pop(ticket.key, None)
             self._announce(circuit, now)
 
     def release(self, ticket: Ticket) -> None:
@@ -180,6 +192,18 @@ class MemoryCircuits:
 
     def warn(self, exc: StorageError) -> None:  # pragma: no cover - memory does not fail
         """Memory does not fail."""
+
+    def _create(self, key: str) -> Circuit | Throttled:
+        """A new circuit for ``key``; when that evicted idle ones, their keys leave
+        ``closed`` too (amortised: an eviction frees an eighth of ``max_keys``)."""
+        circuits = self.circuits
+        size = len(circuits)
+        circuit = circuits.get_or_create(key)
+        if len(circuits) <= size:
+            closed = self.closed
+            for name in [name for name in closed if name not in circuits]:
+                del closed[name]
+        return circuit
 
     def _probe(self, circuit: Circuit | Throttled, now: float, request: ClientRequest) -> Ticket:
         self._seq += 1

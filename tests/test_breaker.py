@@ -595,6 +595,20 @@ async def test_open_circuits_survive_eviction_until_open_for_ends(server, client
     assert key_of(server.url) not in cb._circuits
 
 
+async def test_a_key_evicted_while_closed_counts_again_when_it_returns(server, client):
+    """A closed key is let through from the store's ``closed`` map without a call; when
+    its circuit is evicted it leaves the map too, so it is counted again on its return."""
+    cb = breaker(max_keys=8)
+    assert await status(client, server.url + "/x", cb) == 200
+    assert key_of(server.url) in cb._memory.closed
+    for i in range(100):  # other keys evict the idle circuit
+        cb._memory.admit(f"k{i}", None)  # type: ignore[arg-type]
+    assert key_of(server.url) not in cb._circuits
+    assert key_of(server.url) not in cb._memory.closed
+    assert len(cb._memory.closed) <= 8
+    await trip(client, server, cb)
+
+
 # --- logging ----------------------------------------------------------------------
 
 

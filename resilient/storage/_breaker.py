@@ -128,6 +128,7 @@ class RedisCircuits:
         "_tasks",
         "_timer",
         "_urgent",
+        "closed",
     )
 
     def __init__(self, store: RedisStore, settings: Settings, buckets: int) -> None:
@@ -152,6 +153,8 @@ class RedisCircuits:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the times, tasks and timer above (another one starts afresh)."""
+        self.closed: dict[str, Ticket] = {}
+        """Always empty: a lease is checked against the clock, in :meth:`admit`."""
 
     @property
     def store(self) -> RedisStore:
