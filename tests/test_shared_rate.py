@@ -91,46 +91,38 @@ def test_the_lua_law_is_the_python_law(redis_url, schedule, ceiling):
     assert lua == pytest.approx(python, rel=1e-9)
 
 
-async def test_another_process_is_paced_at_the_shared_rate_from_its_first_request(redis_url):
+def _limited_once(retry_after: str):
+    """A 429 with ``Retry-After: retry_after`` (the server's reply to the first request)."""
+
+    async def reply(request: web.Request) -> web.Response:
+        return web.Response(status=429, headers={"Retry-After": retry_after})
+
+    return reply
+
+
+async def test_another_process_is_paced_at_the_shared_rate_from_its_first_request(
+    server, redis_url
+):
     """Process A earns the key's first 429 (a shared slow start from 1/s); process B,
     which never saw a 429, leaves one by one after the shared pause, not all at once."""
-    arrivals: list[float] = []
-    first = True
-
-    async def handle(request: web.Request) -> web.Response:
-        nonlocal first
-        arrivals.append(asyncio.get_running_loop().time())
-        if first:
-            first = False
-            return web.Response(status=429, headers={"Retry-After": "0.3"})
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/x", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    url = host + "/x"
+    server.script("/x", _limited_once("0.3"))
+    host, url = server.url, server.url + "/x"
     a, b = RateLimitBackoff(storage=redis_url), RateLimitBackoff(storage=redis_url)
-    try:
-        async with aiohttp.ClientSession(middlewares=(a,)) as sa:
-            async with sa.get(url) as resp:  # 429, paused 0.3 s, then the probe: 200
-                assert resp.status == 200
-        await a._shared.drain()  # type: ignore[union-attr]
-        assert a.rate(host) is not None
-        async with aiohttp.ClientSession(middlewares=(b,)) as sb:
+    async with aiohttp.ClientSession(middlewares=(a,)) as sa:
+        async with sa.get(url) as resp:  # 429, paused 0.3 s, then the probe: 200
+            assert resp.status == 200
+    await a._shared.drain()  # type: ignore[union-attr]
+    assert a.rate(host) is not None
+    async with aiohttp.ClientSession(middlewares=(b,)) as sb:
 
-            async def get() -> int:
-                async with sb.get(url) as resp:
-                    return resp.status
+        async def get() -> int:
+            async with sb.get(url) as resp:
+                return resp.status
 
-            statuses = await asyncio.gather(*(get() for _ in range(4)))
-        await b._shared.drain()  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+        statuses = await asyncio.gather(*(get() for _ in range(4)))
+    await b._shared.drain()  # type: ignore[union-attr]
     assert statuses == [200] * 4
+    arrivals = [arrival.time for arrival in server.arrivals]
     gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals[2:])]
     # slow start from the probe: 1/s + 2.77/s per accepted answer, so about 0.27 s, 0.15 s,
     # 0.1 s between B's departures (unshared, B would send all four at once)
@@ -190,7 +182,7 @@ async def test_a_pause_begun_elsewhere_is_seen_within_the_lease(server, redis_ur
     assert server.count("/y") == 0
 
 
-async def test_two_other_processes_share_the_learned_rate(redis_url):
+async def test_two_other_processes_share_the_learned_rate(server, redis_url):
     """After this process earns a key's first 429, two OS processes that never saw one
     send three GETs each at once: Redis hands out their departure slots, so no two of
     the six arrive together (unshared, each process would send its three at once)."""
@@ -198,45 +190,26 @@ async def test_two_other_processes_share_the_learned_rate(redis_url):
     import os
     import sys
 
-    arrivals: list[float] = []
-    first = True
-
-    async def handle(request: web.Request) -> web.Response:
-        nonlocal first
-        arrivals.append(asyncio.get_running_loop().time())
-        if first:
-            first = False
-            return web.Response(status=429, headers={"Retry-After": "0.2"})
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/x", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x"  # type: ignore[union-attr]
+    server.script("/x", _limited_once("0.2"))
+    url = server.url + "/x"
     mine = RateLimitBackoff(storage=redis_url)
     here = os.path.dirname(__file__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here]))
-    try:
-        async with aiohttp.ClientSession(middlewares=(mine,)) as session:
-            async with session.get(url) as resp:  # the 429, the pause, then the probe
-                assert resp.status == 200
-        await mine._shared.drain()  # type: ignore[union-attr]
-        procs = [
-            await asyncio.create_subprocess_exec(
-                sys.executable, os.path.join(here, "shared_worker.py"), "pause", url,
-                redis_url, "3", stdout=asyncio.subprocess.PIPE, env=env,
-            )
-            for _ in range(2)
-        ]
-        outs = await asyncio.gather(*(p.communicate() for p in procs))
-    finally:
-        await runner.cleanup()
+    async with aiohttp.ClientSession(middlewares=(mine,)) as session:
+        async with session.get(url) as resp:  # the 429, the pause, then the probe
+            assert resp.status == 200
+    await mine._shared.drain()  # type: ignore[union-attr]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, os.path.join(here, "shared_worker.py"), "pause", url,
+            redis_url, "3", stdout=asyncio.subprocess.PIPE, env=env,
+        )
+        for _ in range(2)
+    ]
+    outs = await asyncio.gather(*(p.communicate() for p in procs))
     assert all(p.returncode == 0 for p in procs)
     assert [json.loads(out) for out, _ in outs] == [[200] * 3] * 2
-    theirs = sorted(arrivals[2:])
+    theirs = sorted(arrival.time for arrival in server.arrivals[2:])
     assert len(theirs) == 6
     gaps = [later - earlier for earlier, later in itertools.pairwise(theirs)]
     assert min(gaps) > 0.02, gaps
