@@ -283,7 +283,7 @@ class RateLimitBackoff(Policy):
         if admission.verdict == "late":
             raise RateLimited(key, admission.seconds)
         if admission.seconds > DUE_SLACK:
-            with _metrics.waiting(_KIND, key, 429):
+            with _waiting(key):
                 await _clock.sleep(admission.seconds)
 
     def _departure_bound(self, request: ClientRequest, started: float, now: float) -> float:
@@ -407,7 +407,7 @@ class RateLimitBackoff(Policy):
             if not probe and gate.paced:
                 paced_at = _clock.now()
                 # max_wait bounds the pause; the departure after it is bounded on its own
-                bound = min(hard, paced_at + self._max_wait)
+                bound = self._departure_bound(request, started, paced_at)
                 if self._shared is not None:
                     await self._shared_departure(key, gate, bound)
                 else:

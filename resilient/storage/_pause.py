@@ -259,7 +259,7 @@ class SharedPause:
         try:
             return await self._store.run(
                 "rate", [_keys(key), _rate_key(key)], [op, "", _ceiling(ceiling), max_wait],
-                _admission,
+                _parse_admission,
             )  # fmt: skip
         except StorageError as exc:  # "allow": this process's own gate decides
             return self._fallback(exc, _OPEN)
@@ -334,7 +334,7 @@ def _verdict(reply: Any) -> tuple[Verdict, float]:
     return verdict, seconds(reply[1], MAX_PAUSE) if len(reply) > 1 else 0.0  # type: ignore[return-value]
 
 
-def _admission(reply: Any) -> Admission:
+def _parse_admission(reply: Any) -> Admission:
     verdict = text(reply[0])
     if verdict == "paused":
         return Admission("paused", seconds(reply[1], MAX_PAUSE))
