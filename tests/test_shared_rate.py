@@ -213,3 +213,38 @@ async def test_two_other_processes_share_the_learned_rate(server, redis_url):
     assert len(theirs) == 6
     gaps = [later - earlier for earlier, later in itertools.pairwise(theirs)]
     assert min(gaps) > 0.02, gaps
+
+
+async def test_a_caller_cancelled_while_waiting_for_its_shared_slot_leaves_no_trace(
+    server, redis_url
+):
+    """Its slot in Redis simply goes unused; nothing is counted in flight, nothing is sent,
+    and the callers behind it still leave."""
+    server.script("/x", _limited_once("0.2"))
+    url = server.url + "/x"
+    a, b = RateLimitBackoff(storage=redis_url), RateLimitBackoff(storage=redis_url)
+    async with aiohttp.ClientSession(middlewares=(a,)) as sa:
+        async with sa.get(url) as resp:
+            assert resp.status == 200
+    await a._shared.drain()  # type: ignore[union-attr]
+    sent_before = server.count()
+    async with aiohttp.ClientSession(middlewares=(b,)) as sb:
+
+        async def get() -> int:
+            async with sb.get(url) as resp:
+                return resp.status
+
+        first = asyncio.ensure_future(get())
+        waiting = asyncio.ensure_future(get())  # its slot is about 0.27 s away
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await first == 200
+        assert await get() == 200
+    await b._shared.drain()  # type: ignore[union-attr]
+    gate = b._gates.get(server.url)
+    assert gate is not None
+    assert gate.flying == 0
+    assert server.count() == sent_before + 2
