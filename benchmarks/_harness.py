@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any, TextIO, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 __all__ = [
     "Config",
@@ -28,6 +29,7 @@ __all__ = [
     "machine",
     "median",
     "percentile",
+    "serve",
 ]
 
 T = TypeVar("T")
@@ -273,3 +275,18 @@ def run_real(coro: Any, limit: float) -> Any:
     """Run ``coro`` on a fresh asyncio loop, cancelled after ``limit`` wall seconds (a hung
     run fails its scenario instead of hanging the suite)."""
     return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+async def serve(
+    handler: Callable[[web.Request], Any], path: str
+) -> tuple[web.AppRunner, str]:
+    """``handler`` answering every GET on a free 127.0.0.1 port: its runner (clean it up)
+    and the URL of ``path`` there."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}{path}"

@@ -38,7 +38,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .._harness import Config, Outcome, Progress, ScenarioResult, Target, percentile, run_virtual
+from .._harness import (
+    Config,
+    Outcome,
+    Progress,
+    ScenarioResult,
+    Target,
+    percentile,
+    run_virtual,
+    serve,
+)
 
 NAME = "overload"
 TITLE = "12. Overload: a server with fixed capacity, with and without ConcurrencyLimit (virtual)"
@@ -258,14 +267,7 @@ class CapacityServer:
         return web.Response(text="ok")
 
     async def __aenter__(self) -> CapacityServer:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/work"
+        self.runner, self.url = await serve(self.handle, "/work")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -27,7 +27,16 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .._harness import Config, Outcome, Progress, ScenarioResult, Target, percentile, run_virtual
+from .._harness import (
+    Config,
+    Outcome,
+    Progress,
+    ScenarioResult,
+    Target,
+    percentile,
+    run_virtual,
+    serve,
+)
 
 NAME = "tail"
 TITLE = "11. Tail latency: 5 % of responses take 20 × the median, with and without Hedge (virtual)"
@@ -97,14 +106,7 @@ class TailServer:
         return web.Response(text="ok")
 
     async def __aenter__(self) -> TailServer:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/item"
+        self.runner, self.url = await serve(self.handle, "/item")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
