@@ -26,22 +26,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small counts: under a minute")
     parser.add_argument(
-        "--only", nargs="+", metavar="NAME", choices=list(SCENARIOS),
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=list(SCENARIOS),
         help=f"run only these scenarios ({', '.join(SCENARIOS)})",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
-        "--log", action="store_true",
+        "--log",
+        action="store_true",
         help="show resilient's log lines (breaker opened, long waits) on stderr",
     )
     return parser.parse_args(argv)
 
 
-def run_scenarios(
-    names: Sequence[str], cfg: Config, progress: Progress
-) -> list[ScenarioResult]:
+def run_scenarios(names: Sequence[str], cfg: Config, progress: Progress) -> list[ScenarioResult]:
     """Run ``names`` in order; a scenario that raises is reported as failed, not fatal."""
     results = []
     for name in names:
@@ -76,9 +78,7 @@ def _main(argv: Sequence[str] | None, logger: logging.Logger) -> int:
         logger.setLevel(logging.ERROR)
     cfg = Config(quick=args.quick)
     names = [n for n in SCENARIOS if args.only is None or n in args.only]
-    progress = Progress(
-        sum(SCENARIOS[n].units(cfg) for n in names), enabled=not args.no_progress
-    )
+    progress = Progress(sum(SCENARIOS[n].units(cfg) for n in names), enabled=not args.no_progress)
     results = run_scenarios(names, cfg, progress)
     progress.close()
     info = machine()

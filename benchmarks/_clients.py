@@ -108,9 +108,7 @@ def build_policies(options: ResilientOptions, scale: float = 1.0) -> tuple[Any, 
     """The four policies with their defaults, delays multiplied by ``scale``."""
     import resilient
 
-    retry_kw: dict[str, Any] = {
-        "backoff": resilient.FullJitter(base=0.5 * scale, cap=30.0 * scale)
-    }
+    retry_kw: dict[str, Any] = {"backoff": resilient.FullJitter(base=0.5 * scale, cap=30.0 * scale)}
     if not options.budget:
         retry_kw["budget"] = None
     return (

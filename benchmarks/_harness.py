@@ -239,9 +239,7 @@ class ServerProcess:
                 self._proc.join()
 
 
-async def gather_calls(
-    call: Callable[[], Any], count: int, concurrency: int
-) -> list[Outcome]:
+async def gather_calls(call: Callable[[], Any], count: int, concurrency: int) -> list[Outcome]:
     """Run ``count`` calls of ``call()`` (an awaitable factory returning an Outcome) with
     ``concurrency`` workers pulling from a shared counter."""
     remaining = count
@@ -277,9 +275,7 @@ def run_real(coro: Any, limit: float) -> Any:
     return asyncio.run(asyncio.wait_for(coro, limit))
 
 
-async def serve(
-    handler: Callable[[web.Request], Any], path: str
-) -> tuple[web.AppRunner, str]:
+async def serve(handler: Callable[[web.Request], Any], path: str) -> tuple[web.AppRunner, str]:
     """``handler`` answering every GET on a free 127.0.0.1 port: its runner (clean it up)
     and the URL of ``path`` there."""
     app = web.Application()

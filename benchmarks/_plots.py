@@ -69,8 +69,13 @@ def _histogram(
     fig, axes = plt.subplots(len(arrivals), 1, sharex=True, figsize=(9, 1.5 * len(arrivals) + 1))
     for ax, (label, log) in zip(axes, arrivals.items(), strict=True):
         times = [t for t, _ in log if lo <= t <= edges[-1]]
-        ax.hist(times, bins=edges, weights=[1 / width] * len(times), color=_color(label),
-                label=f"{label}: {len(log)} requests in all")
+        ax.hist(
+            times,
+            bins=edges,
+            weights=[1 / width] * len(times),
+            color=_color(label),
+            label=f"{label}: {len(log)} requests in all",
+        )
         ax.axvspan(span[0], span[1], color="red", alpha=0.12)
         ax.set_ylabel("req/s")
         ax.legend(loc="upper right", fontsize=8)
@@ -86,15 +91,25 @@ def _storm(result: ScenarioResult, plt: Any) -> Any:
         next((t for t, s in log if s == 429), 0.0) for log in result.series["arrivals"].values()
     ]
     start = min(starts, default=0.0)
-    return _histogram(result, plt, (start, start + block),
-                      "Requests reaching the server per second; shaded: the 429 block", 1.0)
+    return _histogram(
+        result,
+        plt,
+        (start, start + block),
+        "Requests reaching the server per second; shaded: the 429 block",
+        1.0,
+    )
 
 
 def _outage(result: ScenarioResult, plt: Any) -> Any:
     start, end = result.series["outage"]
-    return _histogram(result, plt, (start, end),
-                      "Server load (req/s); shaded: the outage, every request answered 503",
-                      0.5, xlim=(start - 10.0, end + 35.0))
+    return _histogram(
+        result,
+        plt,
+        (start, end),
+        "Server load (req/s); shaded: the outage, every request answered 503",
+        0.5,
+        xlim=(start - 10.0, end + 35.0),
+    )
 
 
 def _flaky(result: ScenarioResult, plt: Any) -> Any:
@@ -122,8 +137,13 @@ def _overhead(result: ScenarioResult, plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [row["client"] for row in result.rows]
     for i, key in enumerate(("CPU µs/req c=1", "CPU µs/req c=50")):
-        ax.bar([x + i * 0.4 for x in range(len(labels))], [row[key] for row in result.rows],
-               width=0.4, label=key.replace("CPU µs/req ", ""), alpha=0.85)
+        ax.bar(
+            [x + i * 0.4 for x in range(len(labels))],
+            [row[key] for row in result.rows],
+            width=0.4,
+            label=key.replace("CPU µs/req ", ""),
+            alpha=0.85,
+        )
     ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
     ax.set_ylabel("client CPU µs per request")
     ax.set_title("Client CPU per request (median over rounds), by concurrency")
@@ -157,8 +177,13 @@ def _sending_rate(result: ScenarioResult, plt: Any) -> Any:
                 color=[_color(label), "#d62728"],
                 label=["accepted", "429"],
             )
-            ax.axhline(run["rate"], color="black", linestyle="--", linewidth=1,
-                       label=f"R = {run['rate']:g}/s")
+            ax.axhline(
+                run["rate"],
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"R = {run['rate']:g}/s",
+            )
             ax.set_title(f"{label}: {server}", fontsize=9)
             ax.set_ylabel("req/s at the server")
             ax.legend(loc="upper right", fontsize=7)

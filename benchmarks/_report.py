@@ -118,8 +118,10 @@ def markdown_report(
     misses = [(n, t) for n, t in _targets(results) if t.passed is False]
     if misses:
         out += ["", "Missed:"]
-        out += [f"- **{t.name}** ({n}): goal {t.goal}, measured {t.measured}. {t.note}"
-                for n, t in misses]
+        out += [
+            f"- **{t.name}** ({n}): goal {t.goal}, measured {t.measured}. {t.note}"
+            for n, t in misses
+        ]
     for result in results:
         out += ["", f"## {result.title}", "", f"Setup: {result.setup}", ""]
         if result.error:

@@ -68,11 +68,16 @@ async def main(url: str, storage: str, quota: int, count: int) -> None:
             outcomes = await asyncio.gather(*(one(session) for _ in range(count)))
     finally:
         await _close(throttle, backoff)
-    print(json.dumps({
-        "started": started,
-        "ends": [end for _, end in outcomes],
-        "statuses": [status for status, _ in outcomes],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "started": started,
+                "ends": [end for _, end in outcomes],
+                "statuses": [status for status, _ in outcomes],
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

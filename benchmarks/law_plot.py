@@ -1,4 +1,4 @@
-"""Draw the learned-rate law (``resilient/_learned.py``) after one measured cut.
+"""Draw the learned-rate law (``resilient/ratelimit/_learned.py``) after one measured cut.
 
 ``python -m benchmarks.law_plot [out.png]`` (default ``docs/img/learned-rate.png``): the
 rate ``r(t)`` a key sends at after a 429, in units of the accepted rate ``a``, with the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from resilient._learned import _K, BETA, PLATEAU, LearnedRate
+from resilient.ratelimit._learned import _K, BETA, PLATEAU, LearnedRate
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "learned-rate.png"
 ACCEPTED = 50.0
@@ -42,10 +42,12 @@ def main(argv: list[str]) -> int:
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="a: accepted before the 429")
     ax.axhline(PLATEAU, color="grey", linestyle=":", linewidth=1, label=f"W = {PLATEAU:g}·a")
     ax.axvline(_K, color="grey", linestyle=":", linewidth=1)
-    ax.annotate(f"K ≈ {_K:.1f} s", (_K, BETA), textcoords="offset points", xytext=(4, -2),
-                fontsize=8)
-    ax.annotate(f"cut: {BETA:g}·a", (0.0, BETA), textcoords="offset points", xytext=(4, -12),
-                fontsize=8)
+    ax.annotate(
+        f"K ≈ {_K:.1f} s", (_K, BETA), textcoords="offset points", xytext=(4, -2), fontsize=8
+    )
+    ax.annotate(
+        f"cut: {BETA:g}·a", (0.0, BETA), textcoords="offset points", xytext=(4, -12), fontsize=8
+    )
     ax.set_xlabel("seconds of sending since the 429")
     ax.set_ylabel("rate / a")
     ax.set_ylim(BETA - 0.05, 1.15)

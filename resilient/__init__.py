@@ -10,7 +10,6 @@ circuit breaker, each a native aiohttp client middleware::
 
 from __future__ import annotations
 
-from ._breaker import CircuitBreaker
 from ._chain import DEFAULT_TIMEOUT, chain, session
 from ._deadline import deadline
 from ._errors import (
@@ -22,15 +21,14 @@ from ._errors import (
     ResilienceError,
     StorageError,
 )
-from ._events import Event, add_hook
-from ._hedge import Hedge
 from ._keys import KeyFunc, by_host
-from ._limit import ConcurrencyLimit
-from ._otel import instrument_opentelemetry
 from ._policy import Policy
-from ._ratelimit import RateLimitBackoff
-from ._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
-from ._stats import (
+from .breaker._breaker import CircuitBreaker
+from .hedge._hedge import Hedge
+from .limit._limit import ConcurrencyLimit
+from .observe._events import Event, add_hook
+from .observe._otel import instrument_opentelemetry
+from .observe._stats import (
     CircuitStats,
     HedgeStats,
     LimitStats,
@@ -38,7 +36,9 @@ from ._stats import (
     RetryStats,
     ThrottleStats,
 )
-from ._throttle import Throttle
+from .ratelimit._ratelimit import RateLimitBackoff
+from .retry._retry import DecorrelatedJitter, FullJitter, Retry, RetryBudget
+from .throttle._throttle import Throttle
 
 __version__ = "0.2.0"
 

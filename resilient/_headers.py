@@ -178,9 +178,7 @@ class Advertised:
 def advertises(headers: Mapping[str, str]) -> bool:
     """Whether ``headers`` carry any field :func:`parse_advertised` reads (three lookups:
     a caller checks this before reading the wall clock for ``now``)."""
-    return (
-        _RATELIMIT in headers or _LEGACY[0][0] in headers or _LEGACY[1][0] in headers
-    )
+    return _RATELIMIT in headers or _LEGACY[0][0] in headers or _LEGACY[1][0] in headers
 
 
 def parse_advertised(headers: Mapping[str, str], *, now: float) -> Advertised | None:

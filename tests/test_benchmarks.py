@@ -220,8 +220,9 @@ def test_fmt_shows_missing_values_as_a_dash() -> None:
 def test_text_report_says_miss_for_a_missed_target() -> None:
     from benchmarks._harness import Target
 
-    result = ScenarioResult("x", "X", "", ["client"], [{"client": "a"}],
-                            targets=[Target("t", "≤ 1", "2", False)])
+    result = ScenarioResult(
+        "x", "X", "", ["client"], [{"client": "a"}], targets=[Target("t", "≤ 1", "2", False)]
+    )
     assert "MISS" in text_report([result], {"cpus": 2, "python": "3", "aiohttp": "3"})
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 import resilient
 from resilient import sage
-from resilient._budget import Balance
+from resilient.retry._budget import Balance
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -111,9 +111,12 @@ async def test_the_pipeline_runs_the_policies_with_one_aiohttp_wrapper(server):
         return await handler(request)
 
     server.script("/x", 503, 200)
-    policies = (resilient.Retry(backoff=resilient.FullJitter(0.001, 0.001)),
-                resilient.CircuitBreaker(), resilient.RateLimitBackoff(),
-                resilient.Throttle(1e6, burst=100))
+    policies = (
+        resilient.Retry(backoff=resilient.FullJitter(0.001, 0.001)),
+        resilient.CircuitBreaker(),
+        resilient.RateLimitBackoff(),
+        resilient.Throttle(1e6, burst=100),
+    )
     async with resilient.session(*policies, innermost) as session:
         async with session.get(server.url + "/x") as resp:
             assert resp.status == 200  # the 503 was retried through the pipeline

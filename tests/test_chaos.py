@@ -12,7 +12,7 @@ restarts on the same port and refuses connections while it is down. Workers hono
 Each test below asserts one property of that run.
 
 Virtual time: the soak first froze ``looptime`` (the "freeze with many jittered sleeps"
-the project had seen). The cause was :class:`~resilient._pause.PauseGate`: a pause whose
+the project had seen). The cause was :class:`~resilient.ratelimit._pause.PauseGate`: a pause whose
 float end lay a rounding error past the loop's clock tick re-armed a zero-length timer
 forever (asyncio fires timers up to a tick early, and a frozen clock never catches up).
 :func:`test_pause_ends_when_its_end_falls_between_clock_ticks` pins the fix.

@@ -123,9 +123,12 @@ async def test_an_inner_policy_counts_time_spent_by_an_outer_one(server):
         seen.append(allowance(request, _clock.now()))
         return await handler(request)
 
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=300), middlewares=(outer, inner)
-    ) as s, s.get(server.url):
+    async with (
+        aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=300), middlewares=(outer, inner)
+        ) as s,
+        s.get(server.url),
+    ):
         pass
     assert seen[0] == pytest.approx(100 - TIMEOUT_MARGIN, abs=1e-3)
 

@@ -64,7 +64,7 @@ def test_the_wheel_holds_the_package_its_type_marker_and_lua_scripts_only(built)
     tops = {name.split("/")[0] for name in names}
     assert tops == {"resilient", f"aiohttp_resilient-{resilient.__version__}.dist-info"}
     assert "resilient/py.typed" in names
-    assert "resilient/storage/lua/pause.lua" in names
+    assert "resilient/ratelimit/pause.lua" in names
     assert "resilient/testing/pytest_plugin.py" in names
 
 
@@ -75,7 +75,7 @@ def test_the_sdist_holds_sources_tests_and_docs_but_no_local_state(built):
     assert "pyproject.toml" in names
     assert "README.md" in names
     assert "mkdocs.yml" in names
-    assert "resilient/storage/lua/breaker.lua" in names
+    assert "resilient/breaker/breaker.lua" in names
     assert any(n.startswith("tests/") for n in names)
     assert any(n.startswith("docs/") for n in names)
     for local in (".venv/", ".hypothesis/", "benchmarks/results/latest/", "site/", ".git/"):
@@ -87,10 +87,24 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports_as_resilient(built, tm
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
-        "--no-index", "--no-deps", wheel, cwd=tmp_path)
-    fresh_site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))",
-                          cwd=tmp_path).strip())
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        python,
+        "install",
+        "--quiet",
+        "--no-index",
+        "--no-deps",
+        wheel,
+        cwd=tmp_path,
+    )
+    fresh_site = Path(
+        run(
+            python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", cwd=tmp_path
+        ).strip()
+    )
     (fresh_site / "_deps_from_the_test_venv.pth").write_text(sysconfig.get_path("purelib") + "\n")
     probe = textwrap.dedent(
         """

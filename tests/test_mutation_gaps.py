@@ -16,8 +16,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from resilient import BodyNotReplayable, CircuitOpenError, Retry, RetryBudget
-from resilient._breaker import CircuitBreaker, is_failure
-from resilient._throttle import Throttle
+from resilient.breaker._breaker import CircuitBreaker, is_failure
+from resilient.throttle._throttle import Throttle
 
 
 def closed_port_url() -> str:

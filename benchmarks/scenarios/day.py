@@ -105,15 +105,24 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            Target("a virtual day of waiting", f"< {WALL_TARGET:g} s wall",
-                   f"{mine['wall s']:.2f} s", mine["wall s"] < WALL_TARGET),
-            Target("every caller served once the 24-hour block ends", "100 % ok",
-                   f"{mine['ok %']:.0f} % ok", mine["ok %"] == 100.0,
-                   "" if mine["ok %"] == 100.0 else
-                   f"resilient's callers not served: {mine['not ok']}. The block equals "
-                   "RateLimitBackoff's default max_wait (86,400 s): the callers wait the whole "
-                   "day, then give up instead of following the probe. With a block 10 minutes "
-                   f"shorter, {shorter['ok %']:.0f} % were served (row '{SHORT_LABEL}')."),
+            Target(
+                "a virtual day of waiting",
+                f"< {WALL_TARGET:g} s wall",
+                f"{mine['wall s']:.2f} s",
+                mine["wall s"] < WALL_TARGET,
+            ),
+            Target(
+                "every caller served once the 24-hour block ends",
+                "100 % ok",
+                f"{mine['ok %']:.0f} % ok",
+                mine["ok %"] == 100.0,
+                ""
+                if mine["ok %"] == 100.0
+                else f"resilient's callers not served: {mine['not ok']}. The block equals "
+                "RateLimitBackoff's default max_wait (86,400 s): the callers wait the whole "
+                "day, then give up instead of following the probe. With a block 10 minutes "
+                f"shorter, {shorter['ok %']:.0f} % were served (row '{SHORT_LABEL}').",
+            ),
         ],
         notes=[
             f"{callers} callers start at once, so all reach the server before the first 429 "

@@ -76,9 +76,7 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
                 "p90 s": percentile(lat, 0.9),
                 "p99 s": percentile(lat, 0.99),
                 "CircuitOpenError": sum(o.error == "CircuitOpenError" for o in outcomes),
-                "other errors": sum(
-                    o.error not in (None, "CircuitOpenError") for o in outcomes
-                ),
+                "other errors": sum(o.error not in (None, "CircuitOpenError") for o in outcomes),
             }
         )
         progress.advance()
@@ -106,11 +104,17 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            target(NO_BUDGET, "resilient's Retry with budget=None: 4 attempts give "
-                   f"1+p+p²+p³ = {1 + P + P**2 + P**3:.3f} at most."),
-            target("resilient", "with the default RetryBudget(0.2, 10/s) retries are capped "
-                   "at 20 % of first attempts plus 10/s (by design: the budget trades success "
-                   "rate for load, so a MISS here is the budget doing its job)."),
+            target(
+                NO_BUDGET,
+                "resilient's Retry with budget=None: 4 attempts give "
+                f"1+p+p²+p³ = {1 + P + P**2 + P**3:.3f} at most.",
+            ),
+            target(
+                "resilient",
+                "with the default RetryBudget(0.2, 10/s) retries are capped "
+                "at 20 % of first attempts plus 10/s (by design: the budget trades success "
+                "rate for load, so a MISS here is the budget doing its job).",
+            ),
         ],
         notes=[
             "amplification = requests the server received / calls made; 1/(1−p) is the "

@@ -49,14 +49,14 @@ class _LimitsQuotas:
         from limits.aio.storage import MemoryStorage
         from limits.aio.strategies import MovingWindowRateLimiter
 
-        from resilient._quota import parse_quotas
+        from resilient.throttle._quota import parse_quotas
 
         self.text = text
         self._items = parse_quotas(text)
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
     async def room(self, key: str, in_flight: int) -> tuple[float, str]:
-        from resilient._quota import MIN_QUOTA_WAIT, NAMESPACE
+        from resilient.throttle._quota import MIN_QUOTA_WAIT, NAMESPACE
 
         wait, name, now = 0.0, "", time.time()
         for item in self._items:
@@ -71,7 +71,7 @@ class _LimitsQuotas:
         return wait, name
 
     async def record(self, key: str) -> None:
-        from resilient._quota import NAMESPACE
+        from resilient.throttle._quota import NAMESPACE
 
         for item in self._items:
             await self._limiter.hit(item, NAMESPACE, key)
@@ -267,16 +267,32 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            Target("Retry + CircuitBreaker, success path", f"≤ {RETRY_BREAKER_TARGET} µs",
-                   f"{rb:.2f} µs", rb <= RETRY_BREAKER_TARGET),
-            Target("full chain, success path", f"≤ {CHAIN_TARGET} µs", f"{full:.2f} µs",
-                   full <= CHAIN_TARGET),
-            Target("fail-fast while open (CircuitOpenError)", f"≤ {FAIL_FAST_TARGET} µs",
-                   f"{ff:.2f} µs", ff <= FAIL_FAST_TARGET,
-                   "whole chain, in-process; caller-seen latency through aiohttp is in 5."),
-            Target("Throttle(quotas=...), memory path", f"≤ {QUOTA_TARGET} µs",
-                   f"{quota:.2f} µs", quota <= QUOTA_TARGET,
-                   f"on limits' in-memory moving window: {on_limits:.2f} µs"),
+            Target(
+                "Retry + CircuitBreaker, success path",
+                f"≤ {RETRY_BREAKER_TARGET} µs",
+                f"{rb:.2f} µs",
+                rb <= RETRY_BREAKER_TARGET,
+            ),
+            Target(
+                "full chain, success path",
+                f"≤ {CHAIN_TARGET} µs",
+                f"{full:.2f} µs",
+                full <= CHAIN_TARGET,
+            ),
+            Target(
+                "fail-fast while open (CircuitOpenError)",
+                f"≤ {FAIL_FAST_TARGET} µs",
+                f"{ff:.2f} µs",
+                ff <= FAIL_FAST_TARGET,
+                "whole chain, in-process; caller-seen latency through aiohttp is in 5.",
+            ),
+            Target(
+                "Throttle(quotas=...), memory path",
+                f"≤ {QUOTA_TARGET} µs",
+                f"{quota:.2f} µs",
+                quota <= QUOTA_TARGET,
+                f"on limits' in-memory moving window: {on_limits:.2f} µs",
+            ),
         ],
         notes=[
             "policy cost = chain − bare handler (includes aiohttp's wrapper closure per "

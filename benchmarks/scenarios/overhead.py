@@ -71,7 +71,7 @@ async def _measure(url: str, cfg: Config, progress: Progress) -> dict[str, Any]:
             for c in CONCURRENCY:
                 await gather_calls(partial(timed, client, "GET", url), 2 * c, c)
         for r in range(rounds):
-            order = [*clients[r % len(clients):], *clients[: r % len(clients)]]
+            order = [*clients[r % len(clients) :], *clients[: r % len(clients)]]
             for client in order:
                 for c in CONCURRENCY:
                     label = labels[id(client)]

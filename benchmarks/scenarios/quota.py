@@ -102,10 +102,18 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            Target("quota fidelity (rate / quota)", f"≥ {FIDELITY_TARGET:.0%}",
-                   f"{fidelity:.1%}", fidelity >= FIDELITY_TARGET and mine["ok"] == n),
-            Target("429s received under the quota", "0", str(mine["429s received"]),
-                   mine["429s received"] == 0),
+            Target(
+                "quota fidelity (rate / quota)",
+                f"≥ {FIDELITY_TARGET:.0%}",
+                f"{fidelity:.1%}",
+                fidelity >= FIDELITY_TARGET and mine["ok"] == n,
+            ),
+            Target(
+                "429s received under the quota",
+                "0",
+                str(mine["429s received"]),
+                mine["429s received"] == 0,
+            ),
         ],
         notes=[
             "rate / quota is shown only for clients that completed every request; the others "

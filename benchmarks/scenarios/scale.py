@@ -146,10 +146,14 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            Target("memory per waiting caller beyond aiohttp's own", f"≤ {KIB_TARGET:g} KiB",
-                   f"{extra:.2f} KiB", extra <= KIB_TARGET,
-                   f"resilient holds {mine['per_waiter'] / 1024:.2f} KiB per waiter in all; "
-                   f"the bare-wait baseline {base['per_waiter'] / 1024:.2f} KiB."),
+            Target(
+                "memory per waiting caller beyond aiohttp's own",
+                f"≤ {KIB_TARGET:g} KiB",
+                f"{extra:.2f} KiB",
+                extra <= KIB_TARGET,
+                f"resilient holds {mine['per_waiter'] / 1024:.2f} KiB per waiter in all; "
+                f"the bare-wait baseline {base['per_waiter'] / 1024:.2f} KiB.",
+            ),
         ],
         notes=[
             "baseline: the same calls parked in a one-line middleware awaiting an "

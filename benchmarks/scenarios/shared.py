@@ -182,14 +182,25 @@ def _cost_rows(measured: dict[str, Any]) -> tuple[list[dict[str, Any]], float, f
     tight = (t["redis tight"] - t["memory tight"]) / rtt
     rows = [
         {"variant": "Redis round trip: PING (redis-py)", "µs/req": rtt, "round trips": 1.0},
-        {"variant": "Redis round trip: EVALSHA 'return 1'", "µs/req": t["evalsha"],
-         "round trips": t["evalsha"] / rtt},
+        {
+            "variant": "Redis round trip: EVALSHA 'return 1'",
+            "µs/req": t["evalsha"],
+            "round trips": t["evalsha"] / rtt,
+        },
         {"variant": "Throttle(quotas), memory://", "µs/req": t["memory"]},
-        {"variant": "Throttle(quotas), Redis: caller's path", "µs/req": t["redis"],
-         "round trips": path, "Redis scripts/req": measured["scripts"]},
+        {
+            "variant": "Throttle(quotas), Redis: caller's path",
+            "µs/req": t["redis"],
+            "round trips": path,
+            "Redis scripts/req": measured["scripts"],
+        },
         {"variant": "Throttle(quotas), memory://, back-to-back", "µs/req": t["memory tight"]},
-        {"variant": "Throttle(quotas), Redis, back-to-back", "µs/req": t["redis tight"],
-         "round trips": tight, "Redis scripts/req": measured["scripts"]},
+        {
+            "variant": "Throttle(quotas), Redis, back-to-back",
+            "µs/req": t["redis tight"],
+            "round trips": tight,
+            "Redis scripts/req": measured["scripts"],
+        },
     ]
     return rows, path, tight
 
@@ -287,8 +298,14 @@ async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
         finally:
             for policies in shared.values():
                 await _shutdown(policies)
-    rows.insert(0, {"variant": f"round trip through the {DELAY * 1e3:g} ms proxy: PING",
-                    "µs/req": ping, "round trips": 1.0})
+    rows.insert(
+        0,
+        {
+            "variant": f"round trip through the {DELAY * 1e3:g} ms proxy: PING",
+            "µs/req": ping,
+            "round trips": 1.0,
+        },
+    )
     return rows
 
 
@@ -297,8 +314,16 @@ async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
 
 async def _spawn(url: str, storage: str, count: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks._shared_worker", url, storage, str(QUOTA),
-        str(count), cwd=ROOT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "benchmarks._shared_worker",
+        url,
+        storage,
+        str(QUOTA),
+        str(count),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
 
@@ -384,8 +409,19 @@ def _pacing(arrivals: list[tuple[float, int]], total: int) -> float | None:
 
 
 COLUMNS = [
-    "variant", "µs/req", "round trips", "Redis scripts/req", "ok", "failed", "429s received",
-    "max in any 1 s", "time s", "ideal s", "rate / quota", "ideal / time", "window pacing",
+    "variant",
+    "µs/req",
+    "round trips",
+    "Redis scripts/req",
+    "ok",
+    "failed",
+    "429s received",
+    "max in any 1 s",
+    "time s",
+    "ideal s",
+    "rate / quota",
+    "ideal / time",
+    "window pacing",
 ]
 
 
@@ -432,8 +468,9 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
     finally:
         server.stop()
     rows, path, tight = _cost_rows(cost)
-    memory_row = _share_row(f"{PROCESSES} processes, memory:// (a quota each)", total,
-                            share["memory://"])
+    memory_row = _share_row(
+        f"{PROCESSES} processes, memory:// (a quota each)", total, share["memory://"]
+    )
     redis_row = _share_row(f"{PROCESSES} processes, one Redis quota", total, share["Redis"])
     rows += [memory_row, redis_row, *trips]
     fidelity = redis_row["window pacing"] or 0.0
@@ -454,21 +491,38 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=COLUMNS,
         rows=rows,
         targets=[
-            Target(COST_NAME,
-                   f"≤ {COST_TARGET:g} round trips", f"{path:.2f} round trips", path <= COST_TARGET,
-                   f"Redis − memory = {path * rtt:.0f} µs, round trip (PING) {rtt:.0f} µs "
-                   f"({path * rtt / rows[1]['µs/req']:.2f} EVALSHA round trips); back-to-back "
-                   f"{tight:.2f} round trips (background landings' CPU included)."),
-            Target("round trips per request on the caller's path: full chain", "≤ 1",
-                   f"{trips[-1]['round trips']:.2f}", trips[-1]["round trips"] <= 1.0,
-                   "through a proxy adding " f"{DELAY * 1e3:g} ms to every Redis reply: "
-                   + ", ".join(f"{r['variant'].split(': ')[1]} {r['round trips']:.2f}"
-                               for r in trips[1:])),
-            Target(f"{PROCESSES} processes on one quota: 429s", "0",
-                   str(redis_row["429s received"]), redis_row["429s received"] == 0),
-            Target(f"{PROCESSES} processes on one quota: window pacing",
-                   f"≥ {FIDELITY_TARGET:.0%}", f"{fidelity:.1%}",
-                   fidelity >= FIDELITY_TARGET and redis_row["ok"] == total),
+            Target(
+                COST_NAME,
+                f"≤ {COST_TARGET:g} round trips",
+                f"{path:.2f} round trips",
+                path <= COST_TARGET,
+                f"Redis − memory = {path * rtt:.0f} µs, round trip (PING) {rtt:.0f} µs "
+                f"({path * rtt / rows[1]['µs/req']:.2f} EVALSHA round trips); back-to-back "
+                f"{tight:.2f} round trips (background landings' CPU included).",
+            ),
+            Target(
+                "round trips per request on the caller's path: full chain",
+                "≤ 1",
+                f"{trips[-1]['round trips']:.2f}",
+                trips[-1]["round trips"] <= 1.0,
+                "through a proxy adding "
+                f"{DELAY * 1e3:g} ms to every Redis reply: "
+                + ", ".join(
+                    f"{r['variant'].split(': ')[1]} {r['round trips']:.2f}" for r in trips[1:]
+                ),
+            ),
+            Target(
+                f"{PROCESSES} processes on one quota: 429s",
+                "0",
+                str(redis_row["429s received"]),
+                redis_row["429s received"] == 0,
+            ),
+            Target(
+                f"{PROCESSES} processes on one quota: window pacing",
+                f"≥ {FIDELITY_TARGET:.0%}",
+                f"{fidelity:.1%}",
+                fidelity >= FIDELITY_TARGET and redis_row["ok"] == total,
+            ),
         ],
         notes=[
             "Caller's path: one round trip (the quota_board script) is all a request waits "
@@ -493,6 +547,10 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "of the (k+1)-th window − first request), k = ceil(total/quota) − 1: how close to "
             "one window apart the shared throttle starts each window.",
         ],
-        series={"times_us": cost["times"], "quota": QUOTA, "window": WINDOW, "arrivals": {
-            label: value["arrivals"] for label, value in share.items()}},
+        series={
+            "times_us": cost["times"],
+            "quota": QUOTA,
+            "window": WINDOW,
+            "arrivals": {label: value["arrivals"] for label, value in share.items()},
+        },
     )

@@ -111,10 +111,13 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
         columns=list(rows[0]),
         rows=rows,
         targets=[
-            Target("requests reaching the server during a block", "0",
-                   str(mine["during"]), mine["during"] == 0),
-            Target("probes when the block ends", "1", str(mine["probes"]),
-                   mine["probes"] == 1),
+            Target(
+                "requests reaching the server during a block",
+                "0",
+                str(mine["during"]),
+                mine["during"] == 0,
+            ),
+            Target("probes when the block ends", "1", str(mine["probes"]), mine["probes"] == 1),
         ],
         notes=[
             "requests during block: arrivals after the 429 that started the block and "

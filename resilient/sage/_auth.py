@@ -14,11 +14,11 @@ from contextvars import ContextVar
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs
 
-from .. import _events, _metrics
 from .._errors import BodyNotReplayable, ResilienceError
 from .._keys import by_host
-from .._log import logger
 from .._policy import Policy
+from ..observe import _events, _metrics
+from ..observe._log import logger
 from ._errors import parse_errors
 
 __all__ = [

@@ -16,13 +16,13 @@ import aiohttp
 from aiohttp import ClientMiddlewareType
 from multidict import CIMultiDict
 
-from .._breaker import CircuitBreaker
 from .._chain import ordered
 from .._chain import session as _session
 from .._policy import Policy
-from .._ratelimit import RateLimitBackoff
-from .._retry import Retry
-from .._throttle import Throttle
+from ..breaker._breaker import CircuitBreaker
+from ..ratelimit._ratelimit import RateLimitBackoff
+from ..retry._retry import Retry
+from ..throttle._throttle import Throttle
 from ._auth import ReauthorizeFunc, RefreshFunc, TokenRefresh
 from ._keys import by_business
 

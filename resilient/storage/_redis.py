@@ -31,7 +31,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from .._errors import StorageError
-from .._log import logger
+from ..observe._log import logger
 from . import redact
 
 __all__ = [
@@ -81,14 +81,15 @@ def tag(key: str) -> str:
 
 
 def _script(name: str) -> str:
-    """``lua/<name>.lua``, with the learned-rate law's constants written into its
-    ``--@CONSTANTS`` line (one source of truth: :mod:`resilient._learned`)."""
-    source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text("utf-8")
+    """``resilient/<name>.lua`` (``"breaker/breaker"``: each script lives in its policy's
+    folder), with the learned-rate law's constants written into its ``--@CONSTANTS``
+    line (one source of truth: :mod:`resilient.ratelimit._learned`)."""
+    source = resources.files("resilient").joinpath(f"{name}.lua").read_text("utf-8")
     return source.replace("--@CONSTANTS", _learned_constants(), 1)
 
 
 def _learned_constants() -> str:
-    from .. import _learned as law
+    from ..ratelimit import _learned as law
 
     names = ("BETA", "PLATEAU", "CUBIC_C", "DOUBLING", "SPAN", "MIN_SPAN", "MIN_RATE")
     lines = [f"local {name} = {getattr(law, name)!r}" for name in names]
@@ -102,7 +103,7 @@ def _learned_constants() -> str:
 class RedisStore:
     """A Redis reached through ``limits``' storage (built lazily, inside the event loop).
 
-    ``run(name, keys, args)`` runs ``lua/<name>.lua`` atomically (EVALSHA, loading the
+    ``run(name, keys, args)`` runs ``resilient/<name>.lua`` atomically (EVALSHA, loading the
     script once). ``name`` is the storage URI without credentials.
     """
 

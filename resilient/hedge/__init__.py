@@ -1,0 +1,1 @@
+"""Hedge: ``_hedge`` (the policy: when to send a copy, the first answer wins)."""

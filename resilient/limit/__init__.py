@@ -1,0 +1,1 @@
+"""ConcurrencyLimit: ``_limit`` (the policy: slots per key, a first-come queue)."""

@@ -1,0 +1,370 @@
+"""The 429 pause of a key shared through Redis: one process's 429 pauses every process.
+
+Redis holds, per key, the pause's end on Redis's own clock and the probe's owner
+(``lua/pause.lua``). Each process keeps its local :class:`~resilient.ratelimit._pause.PauseGate`
+(its queue of callers and its local probe) and syncs it with Redis:
+
+- before a request of a key that is not paused locally: ``admit`` (one round trip, in
+  ``lua/rate.lua``, below); a pause found there closes the local gate for the time left;
+- a 429: ``pause`` extends the shared end; the local gate closes until then;
+- the local probe, before it sends: ``claim``, under a token of its own (a fresh name
+  for every claim). Exactly one claim of all gets ``probe`` (atomic in Redis, leased
+  for :data:`PROBE_LEASE` seconds); the others learn that the pause is over
+  (``open``), longer (``paused``), or that another claim probes (``busy``: look again
+  in at most :data:`PROBE_POLL` seconds);
+- the probe's answer: ``open`` (not a 429) deletes the pause, unless a 429 extended it
+  meanwhile; a 429 (``pause``) ends the claim; no answer (an error, a cancellation, a
+  reply that never came): ``release`` frees the claim in the background.
+
+Every step that ends a claim names it by its token, so a release that arrives late
+never frees the next claim (of this process or another), and a release that arrives
+before its claim (the claim's command was overtaken) makes that claim probe nothing. A
+release that gets no answer (Redis down) is sent again with this process's next claim
+of the key, so the key is not blocked for the lease once Redis is back.
+
+The key's learned rate (:mod:`resilient.ratelimit._learned`'s law, mirrored in ``lua/rate.lua``)
+and its departure slots live in Redis too, so every process paces the key together:
+
+- ``admit``, the one round trip before a request of a key not paused here, reads the
+  pause and, for a paced key, reserves the caller's departure slot (``go`` in ``wait``
+  seconds, or ``late``: beyond what the caller may wait, nothing reserved); a key found
+  neither paused nor paced is trusted for :data:`HEALTHY_LEASE` seconds (no round trip);
+- ``depart``: a slot after a pause (the probe has answered);
+- a 429 cuts the rate (``cut``, in the background; once per round, by the cuts its request
+  was sent after); answers that are not 429s are counted in batches (``accepted``); the
+  probe's answer resumes sending (with ``opened``).
+
+Only durations cross the wire (seconds left, computed in Redis), so clock skew
+between hosts does not move a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import Coroutine
+from typing import Any, Literal, NamedTuple, TypeVar
+
+from .. import _clock
+from .._errors import StorageError
+from ..storage import OnStorageError
+from ..storage._redis import KEY_PREFIX, RedisStore, seconds, tag, text
+from ._pause import MAX_PAUSE
+
+__all__ = [
+    "ACCEPTED_FLUSH",
+    "HEALTHY_KEYS",
+    "HEALTHY_LEASE",
+    "PROBE_LEASE",
+    "PROBE_POLL",
+    "UNRELEASED_KEYS",
+    "Admission",
+    "SharedPause",
+    "Verdict",
+]
+
+PROBE_LEASE = 120.0
+"""Seconds a probe may stay unanswered before another client may probe."""
+PROBE_POLL = 0.5
+"""Seconds between two claims while another process's probe is on the wire."""
+
+UNRELEASED_KEYS = 1024
+"""Keys whose unanswered releases are remembered at once (the oldest key is dropped)."""
+ACCEPTED_FLUSH = 0.1
+"""Seconds between two batches of accepted answers sent to a paced key's shared rate."""
+HEALTHY_LEASE = 0.1
+"""Seconds an ``admit`` answer "neither paused nor paced" is trusted without asking again:
+a pause begun by another process is seen at most this late (its own 429s are seen at once)."""
+HEALTHY_KEYS = 4096
+"""Keys known healthy at once (the bound of the local mirror)."""
+
+T = TypeVar("T")
+Verdict = Literal["open", "paused", "busy", "probe"]
+_VERDICTS = ("open", "paused", "busy", "probe")
+_KIND = "rate_limit_backoff"
+
+
+class Admission(NamedTuple):
+    """A reply of ``admit`` / ``depart``: ``verdict`` ``"paused"`` (``seconds`` left),
+    ``"open"`` (not paced), ``"go"`` (our departure slot is in ``seconds``) or ``"late"``
+    (the slot would be ``seconds`` away: nothing reserved); the key's shared ``cuts``
+    and ``rate`` (0.0: not paced)."""
+
+    verdict: Literal["paused", "open", "go", "late"]
+    seconds: float
+    cuts: int = 0
+    rate: float = 0.0
+
+
+_OPEN = Admission("open", 0.0)
+
+
+class SharedPause:
+    """The Redis side of every key's pause for one :class:`~resilient.RateLimitBackoff`.
+
+    With ``on_error="allow"``, a Redis failure leaves the local gate alone in charge
+    (``admit``: not paused, not paced; ``pause``: the local delay; ``claim``: ``probe``).
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_flusher",
+        "_healthy",
+        "_held",
+        "_news",
+        "_on_error",
+        "_store",
+        "_tasks",
+        "_unreleased",
+    )
+
+    def __init__(self, store: RedisStore, on_error: OnStorageError) -> None:
+        self._store = store
+        self._on_error = on_error
+        self._held: dict[str, str] = {}
+        """key -> the token of this process's probe claim (one at a time per key)."""
+        self._unreleased: dict[str, dict[str, float]] = {}
+        """key -> {token whose release got no answer: loop time its lease ends}."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepted: dict[str, int] = {}
+        """key -> answers not yet counted in the key's shared rate (see ``accepted``)."""
+        self._flusher: asyncio.Task[None] | None = None
+        self._healthy: dict[str, float] = {}
+        """key -> loop time until which it is known neither paused nor paced."""
+        self._news = 0
+        """Pauses and cuts made here so far (an ``open`` answer older than one is stale)."""
+
+    async def pause(self, key: str, delay: float, *, probe: bool = False) -> float:
+        """Pause ``key`` for ``delay`` seconds at least; the seconds the shared pause lasts.
+        ``probe``: the 429 answered this process's probe, whose claim it ends."""
+        self._distrust(key)
+        token = self._held.pop(key, "") if probe else ""
+        try:
+            lasts: float = await self._store.run(
+                "ratelimit/pause", [_keys(key)], ["pause", token, delay], _lasts
+            )
+        except BaseException as exc:
+            if token:  # the claim may still be there: hand it back
+                self._release(key, token)
+            if isinstance(exc, StorageError):
+                return self._fallback(exc, delay)
+            raise
+        return lasts
+
+    async def claim(self, key: str) -> tuple[Verdict, float]:
+        """May this process probe now? See the module docstring."""
+        token = uuid.uuid4().hex
+        now = _clock.now()
+        unreleased = self._unreleased.get(key)
+        stale = [t for t, end in unreleased.items() if end > now] if unreleased else []
+        try:
+            claimed: tuple[Verdict, float] = await self._store.run(
+                "ratelimit/pause", [_keys(key)], ["claim", token, PROBE_LEASE, *stale], _verdict
+            )
+        except BaseException as exc:  # we may have won it: free it for the others
+            self._release(key, token)
+            if isinstance(exc, StorageError):
+                return self._fallback(exc, ("probe", 0.0))
+            raise
+        if unreleased is not None:  # Redis freed them
+            for name in stale:
+                unreleased.pop(name, None)
+            if not any(end > now for end in unreleased.values()):
+                del self._unreleased[key]
+        if claimed[0] == "probe":
+            self._held[key] = token
+        return claimed
+
+    async def admit(self, key: str, ceiling: float, max_wait: float) -> Admission:
+        """Before a request of ``key`` (not paused here): the shared pause's time left,
+        or for a paced key this caller's departure slot (see the module docstring).
+
+        No round trip while the key is known healthy: an ``open`` answer (neither paused
+        nor paced) is trusted for :data:`HEALTHY_LEASE` seconds from when it was asked,
+        unless this process pauses or cuts the key meanwhile."""
+        now = _clock.now()
+        if self._healthy.get(key, 0.0) > now:
+            return _OPEN
+        news = self._news
+        admission = await self._admission("admit", key, ceiling, max_wait)
+        if admission.verdict == "open" and news == self._news:
+            self._trust(key, now + HEALTHY_LEASE)
+        else:
+            self._healthy.pop(key, None)
+        return admission
+
+    async def depart(self, key: str, ceiling: float, max_wait: float) -> Admission:
+        """A departure slot of paced ``key`` after a pause (``open``: not paced)."""
+        return await self._admission("depart", key, ceiling, max_wait)
+
+    def cut(self, key: str, cuts: int, ceiling: float) -> None:
+        """A 429 to a request sent after ``cuts`` shared cuts: cut the shared rate if it
+        is news (the first 429 of a key starts its slow start), in the background."""
+        self._distrust(key)
+        self._background(self._rate_op(key, "cut", ceiling, cuts))
+
+    def accepted(self, key: str) -> None:
+        """An answer of paced ``key`` that was not a 429: counted in the next batch."""
+        self._accepted[key] = self._accepted.get(key, 0) + 1
+        if self._flusher is None:
+            self._flusher = self._background(self._flush())
+
+    def opened(self, key: str) -> None:
+        """The probe's answer was not a 429: ``open`` (and ``resume`` the shared rate) in
+        the background. A failure is logged, never raised: the caller's response is in
+        hand (the claim is released later, or its lease runs out)."""
+        self._background(self._open(key, self._held.pop(key, "")))
+
+    def release(self, key: str) -> None:
+        """Free this process's probe claim of ``key`` in the background (named by its
+        token, taken now: the background work never frees a later claim)."""
+        token = self._held.pop(key, "")
+        if token:
+            self._release(key, token)
+
+    async def drain(self) -> None:
+        """Wait until the background work (opens, releases) is done (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _release(self, key: str, token: str) -> None:
+        self._background(self._free(key, token))
+
+    def _trust(self, key: str, until: float) -> None:
+        """``key`` is healthy until loop time ``until`` (at most :data:`HEALTHY_KEYS` keys:
+        expired ones go first, then the oldest)."""
+        healthy = self._healthy
+        if len(healthy) >= HEALTHY_KEYS and key not in healthy:
+            now = _clock.now()
+            for name in [name for name, end in healthy.items() if end <= now]:
+                del healthy[name]
+            if len(healthy) >= HEALTHY_KEYS:
+                del healthy[next(iter(healthy))]
+        healthy[key] = until
+
+    def _distrust(self, key: str) -> None:
+        """A 429 of ``key`` here: ask Redis again from now on (and do not trust an answer
+        that was on its way meanwhile)."""
+        self._news += 1
+        self._healthy.pop(key, None)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _admission(self, op: str, key: str, ceiling: float, max_wait: float) -> Admission:
+        try:
+            return await self._store.run(
+                "ratelimit/rate",
+                [_keys(key), _rate_key(key)],
+                [op, "", _ceiling(ceiling), max_wait],
+                _parse_admission,
+            )  # fmt: skip
+        except StorageError as exc:  # "allow": this process's own gate decides
+            return self._fallback(exc, _OPEN)
+
+    async def _rate_op(self, key: str, op: str, ceiling: float, x: float) -> None:
+        try:
+            await self._store.run(
+                "ratelimit/rate",
+                [_keys(key), _rate_key(key)],
+                [op, "", _ceiling(ceiling), x],
+                _ignore,
+            )
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the shared rate misses one update")
+
+    async def _flush(self) -> None:
+        """Send the accepted answers in batches, one round trip per key every
+        :data:`ACCEPTED_FLUSH` seconds, until none are left."""
+        try:
+            while self._accepted:
+                await _clock.sleep(ACCEPTED_FLUSH)
+                batch, self._accepted = self._accepted, {}
+                for key, count in batch.items():
+                    await self._rate_op(key, "accepted", math.inf, count)
+        finally:
+            self._flusher = None
+
+    async def _open(self, key: str, token: str) -> None:
+        try:
+            await self._store.run("ratelimit/pause", [_keys(key)], ["open", token, 0.0], _ignore)
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the response is returned")
+            if token:
+                self._release(key, token)
+            return
+        await self._rate_op(key, "resume", math.inf, 0.0)
+
+    async def _free(self, key: str, token: str) -> None:
+        try:
+            await self._store.run("ratelimit/pause", [_keys(key)], ["release", token, 0.0], _ignore)
+        except StorageError as exc:
+            self._remember(key, token)
+            self._store.warn(
+                _KIND, exc, _clock.now(), "the probe is freed by the next claim or its lease"
+            )
+
+    def _remember(self, key: str, token: str) -> None:
+        """A release without an answer: the next claim of ``key`` frees ``token``."""
+        now = _clock.now()
+        unreleased = self._unreleased.get(key)
+        if unreleased is None:
+            if len(self._unreleased) >= UNRELEASED_KEYS:  # the oldest is left to its lease
+                del self._unreleased[next(iter(self._unreleased))]
+            unreleased = self._unreleased[key] = {}
+        for name in [name for name, end in unreleased.items() if end <= now]:
+            del unreleased[name]
+        unreleased[token] = now + PROBE_LEASE
+
+    def _fallback(self, exc: StorageError, value: T) -> T:
+        """``on_error="allow"``: warn, then ``value`` (this process's own state decides)."""
+        if self._on_error == "raise":
+            raise exc
+        self._store.warn(_KIND, exc, _clock.now())
+        return value
+
+
+def _lasts(reply: Any) -> float:
+    return seconds(reply, MAX_PAUSE)
+
+
+def _verdict(reply: Any) -> tuple[Verdict, float]:
+    verdict = text(reply[0])
+    if verdict not in _VERDICTS:
+        raise ValueError(verdict)
+    return verdict, seconds(reply[1], MAX_PAUSE) if len(reply) > 1 else 0.0  # type: ignore[return-value]
+
+
+def _parse_admission(reply: Any) -> Admission:
+    verdict = text(reply[0])
+    if verdict == "paused":
+        return Admission("paused", seconds(reply[1], MAX_PAUSE))
+    if verdict == "open":
+        return Admission("open", 0.0, int(text(reply[2])))
+    if verdict not in ("go", "late"):
+        raise ValueError(verdict)
+    rate = float(text(reply[3]))
+    if not 0.0 < rate < math.inf:
+        raise ValueError(rate)
+    return Admission(verdict, seconds(reply[1], MAX_PAUSE), int(text(reply[2])), rate)  # type: ignore[arg-type]
+
+
+def _ignore(reply: Any) -> None:
+    return None
+
+
+def _ceiling(rate: float) -> str | float:
+    """A rate ceiling as the script reads it ('' for none)."""
+    return "" if rate == math.inf else rate
+
+
+def _keys(key: str) -> str:
+    return f"{KEY_PREFIX}:pause/{tag(key)}"
+
+
+def _rate_key(key: str) -> str:
+    return f"{KEY_PREFIX}:rate/{tag(key)}"
