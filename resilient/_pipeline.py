@@ -1,22 +1,36 @@
-"""The pipeline: resilient's policies as one aiohttp middleware.
+"""The pipeline: resilient's policies as one aiohttp middleware, one frame per call.
 
 aiohttp builds, for every request, one wrapper coroutine per middleware around the next
 (``build_client_middlewares``), so a request's every I/O resume passes through a wrapper
-frame and a policy frame per policy. :class:`Pipeline` is one middleware that hands each
-policy the next one directly (a :func:`functools.partial`, which adds no frame), so a
-chain of ``n`` policies costs ``n + 1`` frames instead of ``2n``. Each policy runs exactly
-as it does alone; :func:`resilient.chain` returns a Pipeline of the policies, outermost
-first, followed by the user's other middlewares.
+frame and a policy frame per policy. :class:`Pipeline` is one middleware that runs each
+policy's synchronous fast path inline (:class:`~resilient._policy.Policy`: ``before``,
+the attempt, ``after``) in one coroutine, so when no policy needs to wait the whole
+chain costs one frame:
+
+1. ``before`` of each policy, outermost first, until one refuses (raises: that
+   exception is the outcome) or answers ``SLOW`` (that policy runs whole, as an
+   ordinary middleware, around the pipeline of the policies inside it);
+2. the attempt: aiohttp's handler (or the slow policy);
+3. ``after`` of each policy that gave a ticket, innermost first, on the outcome; one
+   that answers ``False`` takes the call over with ``resume`` (around the pipeline of
+   the policies inside it), and its result is the outcome the outer ones see.
+
+The call's clock is marked once, here, before any policy runs (``_deadline.mark_start``).
+Each policy still works alone as an ordinary middleware; :func:`resilient.chain`
+returns a Pipeline of the policies, outermost first, followed by the user's other
+middlewares.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
+from typing import Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from ._policy import Policy
+from . import _clock, _deadline
+from ._policy import SLOW, Outcome, Policy
 
 __all__ = ["Pipeline"]
 
@@ -25,21 +39,62 @@ class Pipeline:
     """One aiohttp middleware running ``policies`` (outermost first), see the module
     docstring. ``.policies`` lists them; iterating a Pipeline yields them too."""
 
-    __slots__ = ("_inner", "_outer", "policies")
+    __slots__ = ("policies",)
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         if not policies:
             raise ValueError("Pipeline: policies must hold at least one policy, got none")
         self.policies: tuple[Policy, ...] = tuple(policies)
-        self._outer = self.policies[0]
-        self._inner = self.policies[:0:-1]  # innermost first, the outermost left out
 
-    def __call__(
-        self, request: ClientRequest, handler: ClientHandlerType
-    ) -> Awaitable[ClientResponse]:
-        for policy in self._inner:
-            handler = partial(policy, handler=handler)
-        return self._outer(request, handler)
+    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        _deadline.mark_start(request, _clock.now())
+        return await self._run(request, handler, 0)
+
+    async def _run(
+        self, request: ClientRequest, handler: ClientHandlerType, start: int
+    ) -> ClientResponse:
+        """The policies from ``start`` inward around ``handler`` (steps 1-3 above)."""
+        policies = self.policies
+        tickets: list[Any] = []
+        outcome: Outcome
+        i = start
+        try:
+            for policy in policies[start:] if start else policies:
+                ticket = policy.before(request)
+                if ticket is SLOW:
+                    break
+                tickets.append(ticket)
+                i += 1
+            if i == len(policies):
+                outcome = await handler(request)
+            else:
+                outcome = await policies[i](request, self._rest(handler, i + 1))
+        except BaseException as exc:
+            outcome = exc
+        while tickets:
+            i -= 1
+            ticket = tickets.pop()
+            policy = policies[i]
+            if not policy.after(ticket, request, outcome):
+                try:
+                    outcome = await policy.resume(
+                        ticket, request, self._rest(handler, i + 1), outcome
+                    )
+                except BaseException as exc:
+                    outcome = exc
+        if isinstance(outcome, BaseException):
+            try:
+                raise outcome
+            finally:
+                del outcome
+        return outcome
+
+    def _rest(self, handler: ClientHandlerType, start: int) -> ClientHandlerType:
+        """``rest(request)``: the policies from ``start`` inward, then ``handler``."""
+        if start == len(self.policies):
+            return handler
+        run: ClientHandlerType = partial(self._run, handler=handler, start=start)
+        return run
 
     def __iter__(self) -> Iterator[Policy]:
         return iter(self.policies)
