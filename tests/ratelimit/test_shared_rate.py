@@ -1,8 +1,8 @@
 """The learned rate and its paced departures shared through Redis (ratelimit/rate.lua).
 
 The Lua law is checked against resilient.ratelimit._learned's on the same schedules
-(explicit times), and two RateLimitBackoff instances (each a process: they share nothing but Redis) against
-a real loopback server, in real time with small numbers.
+(explicit times), and two RateLimitBackoff instances (each a process: they share nothing
+but Redis) against a real loopback server, in real time with small numbers.
 """
 
 from __future__ import annotations
