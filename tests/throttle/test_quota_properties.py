@@ -6,11 +6,11 @@ are pure: no event loop, no clock. Times are multiples of 1/8 s (exact in binary
 floating point), so a slot that reaches the edge of its window reaches it exactly, in
 every implementation compared.
 
-- a window never takes more than ``amount`` slots in any ``expiry`` span; - boarding by
-``used + in_flight < amount`` and recording when the attempt ends never lets ``amount +
-1`` arrivals into one window, whatever the latencies; - ``Quotas.room_at`` /
-``record_at`` decide as ``limits``' MovingWindowRateLimiter over its MemoryStorage did
-(the memory path of 0.1.0), on random schedules.
+- a window never takes more than ``amount`` slots in any ``expiry`` span;
+- boarding by ``used + in_flight < amount`` and recording when the attempt ends never
+  lets ``amount + 1`` arrivals into one window, whatever the latencies;
+- ``Quotas.room_at`` / ``record_at`` decide as ``limits``' MovingWindowRateLimiter over
+  its MemoryStorage did (the memory path of 0.1.0), on random schedules.
 """
 
 from __future__ import annotations
