@@ -26,6 +26,7 @@ from aiohttp import ClientRequest
 from aiohttp.helpers import BaseTimerContext
 
 from . import _clock
+from ._validate import number
 
 __all__ = ["TIMEOUT_MARGIN", "allowance", "deadline", "mark_start", "remaining"]
 
@@ -46,8 +47,7 @@ class deadline:
     __slots__ = ("_seconds", "_token")
 
     def __init__(self, seconds: float) -> None:
-        if not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
-            raise ValueError(f"deadline: seconds must be a number >= 0, got {seconds!r}")
+        number("deadline", "seconds", seconds, 0.0)
         self._seconds = float(seconds)
         self._token: Token[float | None] | None = None
 

@@ -87,8 +87,9 @@ def integer(owner: str, name: str, value: object, low: int = 1, high: float = ma
     raise reject(owner, name, what, value)
 
 
-def choice(owner: str, name: str, value: T, options: Collection[T]) -> T:
-    """``value`` if it is one of ``options``."""
-    if value in options:
-        return value
+def choice(owner: str, name: str, value: object, options: Collection[T]) -> T:
+    """The option equal to ``value``."""
+    for option in options:
+        if value == option:
+            return option
     raise reject(owner, name, "one of " + ", ".join(repr(o) for o in options), value)

@@ -20,6 +20,8 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
+from .._validate import choice
+
 __all__ = [
     "MEMORY",
     "ON_STORAGE_ERROR",
@@ -55,10 +57,7 @@ def check(owner: str, uri: object) -> str:
 
 def check_on_storage_error(owner: str, value: object) -> OnStorageError:
     """``"raise"`` or ``"allow"``, else ValueError naming ``on_storage_error``."""
-    for accepted in ON_STORAGE_ERROR:
-        if value == accepted:
-            return accepted
-    raise ValueError(f"{owner}: on_storage_error must be 'raise' or 'allow', got {value!r}")
+    return choice(owner, "on_storage_error", value, ON_STORAGE_ERROR)
 
 
 def is_shared(uri: str) -> bool:
