@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 
 from .. import _clock
+from .._validate import integer, number, optional_number
 
 __all__ = [
     "ADVERTISE_DIALECTS",
@@ -69,6 +70,7 @@ DROPPED = 0
 
 FAULTS = frozenset({"503", "500", "429", "drop_before", "drop_after", "slow_after"})
 """Fault names :meth:`SimulatedAPI.inject` accepts."""
+_OWNER = "SimulatedAPI"
 LIMITERS = ("moving", "fixed", "leaky")
 """Kinds of ``limiter=(kind, a, b)``: ``("moving", limit, window)`` (as ``quota``),
 ``("fixed", limit, window)``, ``("leaky", rate, burst)``."""
@@ -341,15 +343,27 @@ def _validate_limiter(
         )
     kind, a, b = limiter
     if kind == "leaky":
-        if not 0 < a < math.inf:
-            raise ValueError(f"limiter: leaky rate must be finite > 0 per second, got {a!r}")
-        if not isinstance(b, int) or b < 0:
-            raise ValueError(f"limiter: leaky burst must be an int >= 0, got {b!r}")
+        number(
+            _OWNER,
+            "limiter's leaky rate (per second)",
+            a,
+            0.0,
+            math.inf,
+            low_open=True,
+            high_open=True,
+        )
+        integer(_OWNER, "limiter's leaky burst", b, 0)
         return
-    if not isinstance(a, int) or a < 1:
-        raise ValueError(f"limiter: {kind} limit must be an int >= 1, got {a!r}")
-    if not 0 < b < math.inf:
-        raise ValueError(f"limiter: {kind} window must be finite seconds > 0, got {b!r}")
+    integer(_OWNER, f"limiter's {kind} limit", a, 1)
+    number(
+        _OWNER,
+        f"limiter's {kind} window (seconds)",
+        b,
+        0.0,
+        math.inf,
+        low_open=True,
+        high_open=True,
+    )
 
 
 def _validate(
@@ -367,10 +381,10 @@ def _validate(
 ) -> None:
     if quota is not None:
         limit, window = quota
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"quota: limit must be an int >= 1, got {limit!r}")
-        if not window > 0 or math.isinf(window):
-            raise ValueError(f"quota: window must be finite seconds > 0, got {window!r}")
+        integer(_OWNER, "quota's limit", limit, 1)
+        number(
+            _OWNER, "quota's window (seconds)", window, 0.0, math.inf, low_open=True, high_open=True
+        )
     _validate_limiter(quota, limiter)
     if not isinstance(advertise, bool) and advertise not in ADVERTISE_DIALECTS:
         raise ValueError(
@@ -380,21 +394,18 @@ def _validate(
         raise ValueError("advertise needs a limiter or a quota to advertise, got neither")
     if retry_after not in _RETRY_AFTER_STYLES:
         raise ValueError(f"retry_after must be one of {_RETRY_AFTER_STYLES}, got {retry_after!r}")
-    if block_for is not None and not 0 < block_for < math.inf:
-        raise ValueError(f"block_for must be None or finite seconds > 0, got {block_for!r}")
-    if not 0.0 <= error_rate <= 1.0:
-        raise ValueError(f"error_rate must be in [0, 1], got {error_rate!r}")
+    optional_number(_OWNER, "block_for", block_for, 0.0, math.inf, low_open=True, high_open=True)
+    number(_OWNER, "error_rate", error_rate, 0.0, 1.0)
     for start, end in outages:
         if not 0.0 <= start < end:
             raise ValueError(
                 f"outages: each (start, end) needs 0 <= start < end, got {(start, end)!r}"
             )
-    if not 0.0 <= latency < math.inf:
-        raise ValueError(f"latency must be finite seconds >= 0, got {latency!r}")
-    if not 0 < access_token_ttl < math.inf:
-        raise ValueError(f"access_token_ttl must be finite seconds > 0, got {access_token_ttl!r}")
-    if not isinstance(contacts, int) or contacts < 0:
-        raise ValueError(f"contacts must be an int >= 0, got {contacts!r}")
+    number(_OWNER, "latency", latency, 0.0, math.inf, high_open=True)
+    number(
+        _OWNER, "access_token_ttl", access_token_ttl, 0.0, math.inf, low_open=True, high_open=True
+    )
+    integer(_OWNER, "contacts", contacts, 0)
 
 
 class SimulatedAPI:
@@ -536,8 +547,7 @@ class SimulatedAPI:
         """
         if self._runner is None:
             raise RuntimeError("SimulatedAPI.restart: not started")
-        if not 0.0 <= downtime < math.inf:
-            raise ValueError(f"restart: downtime must be finite seconds >= 0, got {downtime!r}")
+        number("SimulatedAPI.restart", "downtime", downtime, 0.0, math.inf, high_open=True)
         port, t0 = int(self.url.rpartition(":")[2]), self._t0
         await self.close()
         if downtime:
@@ -597,10 +607,8 @@ class SimulatedAPI:
         """
         if fault not in FAULTS:
             raise ValueError(f"inject: fault must be one of {sorted(FAULTS)}, got {fault!r}")
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"inject: count must be an int >= 1, got {count!r}")
-        if not 0.0 <= delay < math.inf:
-            raise ValueError(f"inject: delay must be finite seconds >= 0, got {delay!r}")
+        integer("SimulatedAPI.inject", "count", count, 1)
+        number("SimulatedAPI.inject", "delay", delay, 0.0, math.inf, high_open=True)
         self._faults.setdefault(path, deque()).extend([_Fault(fault, delay)] * count)
 
     def count(

@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .. import _clock
 from .._policy import Policy
+from .._validate import number, optional_number
 
 __all__ = ["DEFAULT_INJECTED_RETRY_AFTER", "FAULT_HEADER", "FaultInjection", "synthetic_response"]
 
@@ -36,8 +37,7 @@ _STREAM_LIMIT = 2**16
 
 
 def _check_rate(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"FaultInjection: {name} must be in [0, 1], got {value!r}")
+    number("FaultInjection", name, value, 0.0, 1.0)
 
 
 class FaultInjection(Policy):
@@ -89,15 +89,8 @@ class FaultInjection(Policy):
                 "FaultInjection: error_rate + rate_limit_rate + connection_error_rate must be"
                 f" at most 1, got {error_rate + rate_limit_rate + connection_error_rate!r}"
             )
-        if retry_after is not None and not 0.0 <= retry_after < math.inf:
-            raise ValueError(
-                "FaultInjection: retry_after must be None or finite seconds >= 0,"
-                f" got {retry_after!r}"
-            )
-        if not 0.0 <= latency < math.inf:
-            raise ValueError(
-                f"FaultInjection: latency must be finite seconds >= 0, got {latency!r}"
-            )
+        optional_number("FaultInjection", "retry_after", retry_after, 0.0, math.inf, high_open=True)
+        number("FaultInjection", "latency", latency, 0.0, math.inf, high_open=True)
         self._error_rate = error_rate
         self._rate_limit_rate = rate_limit_rate
         self._retry_after = retry_after
