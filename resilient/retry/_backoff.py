@@ -19,6 +19,8 @@ from typing import Protocol, TypeAlias, runtime_checkable
 
 import tenacity
 
+from .._validate import number, reject
+
 __all__ = [
     "DEFAULT_BASE",
     "DEFAULT_CAP",
@@ -51,14 +53,12 @@ BackoffLike: TypeAlias = "PerCallBackoff | tenacity.wait.wait_base | Backoff"
 
 
 def _check(owner: str, base: float, cap: float) -> tuple[float, float]:
-    for name, value in (("base", base), ("cap", cap)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}")
-    if not (math.isfinite(base) and base > 0.0):
-        raise ValueError(f"{owner}: base must be a finite number > 0, got {base!r}")
-    if not (math.isfinite(cap) and cap >= base):
-        raise ValueError(f"{owner}: cap must be a finite number >= base ({base!r}), got {cap!r}")
-    return float(base), float(cap)
+    """``(base, cap)`` as floats: base finite > 0, cap finite >= base."""
+    base = number(owner, "base", base, 0.0, math.inf, low_open=True, high_open=True)
+    cap = number(owner, "cap", cap, 0.0, math.inf, low_open=True, high_open=True)
+    if cap < base:
+        raise reject(owner, "cap", f"a finite number >= base ({base!r})", cap)
+    return base, cap
 
 
 def capped_doubling(base: float, cap: float, exponent: int) -> float:
@@ -158,7 +158,10 @@ def per_call_factory(backoff: BackoffLike) -> Callable[[], Backoff]:
     if callable(backoff):
         fn = backoff
         return lambda: fn
-    raise ValueError(
-        "Retry: backoff must be FullJitter, DecorrelatedJitter, a tenacity wait strategy"
-        f" or an (attempt) -> seconds callable, got {backoff!r}"
+    raise reject(
+        "Retry",
+        "backoff",
+        "FullJitter, DecorrelatedJitter, a tenacity wait strategy or an (attempt) -> seconds"
+        " callable",
+        backoff,
     )

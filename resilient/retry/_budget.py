@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .._validate import number
+
 __all__ = [
     "BUCKETS",
     "DEFAULT_MIN_PER_SECOND",
@@ -49,19 +51,12 @@ class RetryBudget:
     min_per_second: float = DEFAULT_MIN_PER_SECOND
 
     def __post_init__(self) -> None:
-        ratio, floor = self.ratio, self.min_per_second
-        if _bad(ratio) or not 0.0 <= ratio <= MAX_RATIO:
-            raise ValueError(f"RetryBudget: ratio must be in [0, {MAX_RATIO:g}], got {ratio!r}")
-        if _bad(floor) or not 0.0 <= floor < math.inf:
-            raise ValueError(
-                f"RetryBudget: min_per_second must be a finite number >= 0, got {floor!r}"
-            )
-        object.__setattr__(self, "ratio", float(ratio))
-        object.__setattr__(self, "min_per_second", float(floor))
-
-
-def _bad(value: object) -> bool:
-    return isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+        ratio = number("RetryBudget", "ratio", self.ratio, 0.0, MAX_RATIO)
+        floor = number(
+            "RetryBudget", "min_per_second", self.min_per_second, 0.0, math.inf, high_open=True
+        )
+        object.__setattr__(self, "ratio", ratio)
+        object.__setattr__(self, "min_per_second", floor)
 
 
 class Balance:
