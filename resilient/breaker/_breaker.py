@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
@@ -24,8 +24,9 @@ from .. import _clock
 from .._errors import StorageError
 from .._keys import KeyFunc, by_host
 from .._outcomes import is_failure
-from .._policy import Policy
+from .._policy import SLOW, Outcome, Policy
 from .._state import DEFAULT_MAX_KEYS
+from .._validate import choice, integer, number, optional_number, reject
 from ..observe import _metrics
 from ..observe._stats import CircuitStats
 from ..retry._attempt import timed_out
@@ -44,7 +45,7 @@ from ._circuit import (
     next_break,
     reject_probability,
 )
-from ._store import CircuitStore, MemoryCircuits
+from ._store import CircuitStore, MemoryCircuits, refuse
 
 if TYPE_CHECKING:
     from ._redis import RedisCircuits
@@ -89,6 +90,8 @@ DEFAULT_MODE: Mode = "circuit"
 DEFAULT_STORAGE = "memory://"
 
 _MODES = ("circuit", "adaptive")
+_OWNER = "CircuitBreaker"
+_OPEN = STATE_NAMES[OPEN]
 
 
 class CircuitBreaker(Policy):
@@ -144,6 +147,7 @@ class CircuitBreaker(Policy):
         "_max_keys",
         "_memory",
         "_mode",
+        "_opened",
         "_settings",
         "_shared",
         "_storage",
@@ -170,48 +174,40 @@ class CircuitBreaker(Policy):
         max_open_for: float | None = None,
         mode: Mode = DEFAULT_MODE,
     ) -> None:
-        if not _real(failure_ratio) or not 0.0 < failure_ratio <= 1.0:
-            raise ValueError(
-                f"CircuitBreaker: failure_ratio must be in (0, 1], got {failure_ratio!r}"
-            )
-        _positive_int("min_calls", min_calls)
-        _positive_seconds("window", window)
-        _positive_seconds("open_for", open_for)
-        _positive_int("half_open_probes", half_open_probes)
-        _positive_int("max_keys", max_keys)
-        if consecutive_failures is not None:
-            _positive_int("consecutive_failures", consecutive_failures, "or None (off)")
+        ratio = number(_OWNER, "failure_ratio", failure_ratio, 0.0, 1.0, low_open=True)
+        integer(_OWNER, "min_calls", min_calls)
+        window = _seconds("window", window)
+        open_for = _seconds("open_for", open_for)
+        integer(_OWNER, "half_open_probes", half_open_probes)
+        integer(_OWNER, "max_keys", max_keys)
+        consecutive = _optional_count("consecutive_failures", consecutive_failures, "off")
+        max_open_for = optional_number(
+            _OWNER, "max_open_for", max_open_for, open_for, math.inf,
+            high_open=True, none_means="max(1, open_for)",
+        )  # fmt: skip
         if max_open_for is None:
-            max_open_for = max(DEFAULT_MAX_OPEN_FOR, float(open_for))
-        elif not _real(max_open_for) or not open_for <= max_open_for < math.inf:
-            raise ValueError(
-                "CircuitBreaker: max_open_for must be a finite number of seconds >= open_for"
-                f" ({open_for!r}), or None, got {max_open_for!r}"
-            )
-        if mode not in _MODES:
-            raise ValueError(f"CircuitBreaker: mode must be 'circuit' or 'adaptive', got {mode!r}")
+            max_open_for = max(DEFAULT_MAX_OPEN_FOR, open_for)
+        choice(_OWNER, "mode", mode, _MODES)
         if not callable(key):
-            raise ValueError(
-                f"CircuitBreaker: key must be a callable (request) -> str, got {key!r}"
-            )
-        storage = check("CircuitBreaker", storage)
-        on_error = check_on_storage_error("CircuitBreaker", on_storage_error)
+            raise reject(_OWNER, "key", "a callable (request) -> str", key)
+        storage = check(_OWNER, storage)
+        on_error = check_on_storage_error(_OWNER, on_storage_error)
         if mode == "adaptive" and is_shared(storage):
             raise ValueError(
                 "CircuitBreaker: mode='adaptive' keeps its counts in memory; storage must be"
                 " 'memory://' with it"
             )
         self._settings = settings = Settings(
-            float(failure_ratio),
+            ratio,
             min_calls,
-            float(open_for),
+            open_for,
             half_open_probes,
             window / BUCKETS,
-            NEVER if consecutive_failures is None else consecutive_failures,
-            float(max_open_for),
+            NEVER if consecutive is None else consecutive,
+            max_open_for,
         )
         self._mode: Mode = mode
-        self._window = float(window)
+        self._window = window
         self._key = key
         self._storage = storage
         self._max_keys = max_keys
@@ -230,6 +226,8 @@ class CircuitBreaker(Policy):
             self._fallback = self._memory if on_error == "allow" else None
         self._closed = self._store.closed
         """Keys let through without calling the store (see ``CircuitStore.closed``)."""
+        self._opened = self._store.opened
+        """Keys refused without calling the store (see ``CircuitStore.opened``)."""
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
@@ -242,14 +240,38 @@ class CircuitBreaker(Policy):
         try:
             resp = await handler(request)
         except BaseException as exc:
-            # an attempt abandoned by Retry's attempt_timeout is a read timeout: a failure
-            if is_failure(exc) or (isinstance(exc, asyncio.CancelledError) and timed_out()):
-                store.record(ticket, True, request.loop.time())
-            else:  # cancelled, or not an outcome of this attempt
-                store.release(ticket)
+            _ended(store, ticket, request, exc)
             raise
         store.record(ticket, resp.status >= 500, request.loop.time())
         return resp
+
+    def before(self, request: ClientRequest) -> Any:
+        """``__call__``'s admission when the store answers without I/O: the key's
+        closed ticket (one dict lookup), a probe's ticket, or ``CircuitOpenError`` (the
+        same event, nothing held; an open circuit's from ``opened``, before its break
+        ends); :data:`SLOW` when the store must ask its backend, or a metrics backend
+        counts calls (``__call__`` does)."""
+        if _metrics.recorder is not None:
+            return SLOW
+        key = self._key(request)
+        ticket = self._closed.get(key)
+        if ticket is not None:
+            return ticket
+        circuit = self._opened.get(key)
+        if circuit is not None:
+            now = request.loop.time()
+            if now < circuit.until:
+                raise refuse(key, circuit.until - now, _OPEN, request)
+        return self._store.admit(key, request) or SLOW
+
+    def after(self, ticket: Ticket, request: ClientRequest, outcome: Outcome) -> bool:
+        """Record ``outcome`` as ``__call__`` does (a 5xx, a failure, an attempt abandoned
+        by ``attempt_timeout``), or release the ticket; the outcome always stands."""
+        if isinstance(outcome, BaseException):
+            _ended(self._store, ticket, request, outcome)
+        else:
+            self._store.record(ticket, outcome.status >= 500, request.loop.time())
+        return True
 
     async def _ask(self, key: str, request: ClientRequest) -> tuple[CircuitStore, Ticket]:
         """The backend's answer; when it fails, ``StorageError``, or with
@@ -336,6 +358,16 @@ class CircuitBreaker(Policy):
         )
 
 
+def _ended(store: CircuitStore, ticket: Ticket, request: ClientRequest, exc: BaseException) -> None:
+    """The attempt admitted with ``ticket`` raised ``exc``: a failure (an attempt abandoned
+    by Retry's ``attempt_timeout`` is a read timeout: one too), else nothing learnt
+    (cancelled, or not an outcome of this attempt): its slot is released."""
+    if is_failure(exc) or (isinstance(exc, asyncio.CancelledError) and timed_out()):
+        store.record(ticket, True, request.loop.time())
+    else:
+        store.release(ticket)
+
+
 def _snapshot(circuit: Circuit | Throttled, now: float) -> CircuitStats:
     """``circuit`` at ``now``: open past ``until`` reads half-open, as in ``state()``."""
     state = circuit.state_at(now)
@@ -354,21 +386,16 @@ def _snapshot(circuit: Circuit | Throttled, now: float) -> CircuitStats:
     )
 
 
-def _real(value: object) -> TypeGuard[float]:
-    """An int or float, not a bool (NaN passes here and fails every range check)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _seconds(name: str, value: object) -> float:
+    """A finite number of seconds > 0."""
+    return number(_OWNER, name, value, 0.0, math.inf, low_open=True, high_open=True)
 
 
-def _positive_int(name: str, value: object, alternative: str = "") -> None:
-    if type(value) is not int or value < 1:
-        alternative = f" {alternative}" if alternative else ""
-        raise ValueError(
-            f"CircuitBreaker: {name} must be an integer >= 1{alternative}, got {value!r}"
-        )
-
-
-def _positive_seconds(name: str, value: object) -> None:
-    if not _real(value) or not 0.0 < value < math.inf:
-        raise ValueError(
-            f"CircuitBreaker: {name} must be a finite number of seconds > 0, got {value!r}"
-        )
+def _optional_count(name: str, value: object, none_means: str) -> int | None:
+    """``None``, or an int >= 1 (:func:`~resilient._validate.integer`)."""
+    if value is None:
+        return None
+    try:
+        return integer(_OWNER, name, value)
+    except ValueError:
+        raise reject(_OWNER, name, f"None ({none_means}) or an int >= 1", value) from None

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _clock
 from .._errors import StorageError
 from ..storage._redis import KEY_PREFIX, RedisStore, T, seconds, tag, text
-from ._circuit import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, Settings, Ticket
+from ._circuit import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, Circuit, Settings, Ticket
 from ._store import KIND, announce, announce_half_open, refuse
 
 if TYPE_CHECKING:
@@ -129,6 +129,7 @@ class RedisCircuits:
         "_timer",
         "_urgent",
         "closed",
+        "opened",
     )
 
     def __init__(self, store: RedisStore, settings: Settings, buckets: int) -> None:
@@ -155,6 +156,8 @@ class RedisCircuits:
         """The event loop of the times, tasks and timer above (another one starts afresh)."""
         self.closed: dict[str, Ticket] = {}
         """Always empty: a lease is checked against the clock, in :meth:`admit`."""
+        self.opened: dict[str, Circuit] = {}
+        """Always empty: the mirror's refusals are read in :meth:`admit`."""
 
     @property
     def store(self) -> RedisStore:

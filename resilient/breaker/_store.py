@@ -11,7 +11,12 @@
   without one (cancelled, or an error that is not an outcome), so its slot is freed;
 - ``closed``: a dict the breaker reads first, ``key -> ticket`` for keys it may let
   through without asking the store at all (a closed circuit in memory: one dict lookup,
-  no call); a store whose answer depends on a clock (Redis's lease) leaves it empty.
+  no call); a store whose answer depends on a clock (Redis's lease) leaves it empty;
+- ``opened``: the dict it reads next, ``key -> circuit`` for keys it may refuse without
+  asking the store: while the loop's time ``now`` is before the circuit's ``until``,
+  ``CircuitOpenError(key, until - now)`` (what ``admit`` raises for an open circuit);
+  from ``until`` on, ``admit`` decides (the next call probes). Redis leaves it empty
+  (its mirror is read in ``admit``).
 
 Times are the event loop's: the store reads ``request.loop.time()`` when it needs
 the time (a closed circuit in memory does not), ``record`` is told it. ``record`` and
@@ -65,6 +70,7 @@ class CircuitStore(Protocol):
     """The breaker's state behind one interface (see the module docstring)."""
 
     closed: dict[str, Ticket]
+    opened: dict[str, Circuit]
 
     def admit(self, key: str, request: ClientRequest) -> Ticket | None:
         """A ticket, ``CircuitOpenError``, or None (ask the backend)."""
@@ -143,10 +149,21 @@ class MemoryCircuits:
     ``admit`` always answers, synchronously, and a closed key's ticket (the one all its
     calls share) is in ``closed`` (not in ``mode="adaptive"``, whose state moves with
     every outcome): the breaker finds it there without calling the store. A key leaves
-    ``closed`` when its circuit changes, and with its circuit when that is evicted.
+    ``closed`` when its circuit changes, and with its circuit when that is evicted. An
+    open circuit is in ``opened`` from when it opens until its first admission after the
+    break (it turns half-open), or its eviction.
     """
 
-    __slots__ = ("_adaptive", "_get", "_probes", "_seq", "circuits", "closed", "settings")
+    __slots__ = (
+        "_adaptive",
+        "_get",
+        "_probes",
+        "_seq",
+        "circuits",
+        "closed",
+        "opened",
+        "settings",
+    )
 
     def __init__(self, settings: Settings, adaptive: bool, max_keys: int) -> None:
         self.settings = settings
@@ -159,6 +176,7 @@ class MemoryCircuits:
         self._seq = 0
         self._adaptive = adaptive
         self.closed: dict[str, Ticket] = {}
+        self.opened: dict[str, Circuit] = {}
 
     def admit(self, key: str, request: ClientRequest) -> Ticket:
         circuit = self._get(key) or self._create(key)
@@ -179,6 +197,8 @@ class MemoryCircuits:
         circuit = self._get(ticket.key)  # None: evicted meanwhile (it was idle)
         if circuit is not None and circuit.record(now, failed, ticket.epoch, ticket.probe):
             self.closed.pop(ticket.key, None)
+            if isinstance(circuit, Circuit) and circuit.state == OPEN:
+                self.opened[ticket.key] = circuit
             self._announce(circuit, now)
 
     def release(self, ticket: Ticket) -> None:
@@ -196,14 +216,15 @@ class MemoryCircuits:
 
     def _create(self, key: str) -> Circuit | Throttled:
         """A new circuit for ``key``; when that evicted idle ones, their keys leave
-        ``closed`` too (amortised: an eviction frees an eighth of ``max_keys``)."""
+        ``closed`` and ``opened`` too (amortised: an eviction frees an eighth of
+        ``max_keys``)."""
         circuits = self.circuits
         size = len(circuits)
         circuit = circuits.get_or_create(key)
         if len(circuits) <= size:
-            closed = self.closed
-            for name in [name for name in closed if name not in circuits]:
-                del closed[name]
+            for known in (self.closed, self.opened):
+                for name in [name for name in known if name not in circuits]:
+                    del known[name]
         return circuit
 
     def _probe(self, circuit: Circuit | Throttled, now: float, request: ClientRequest) -> Ticket:
@@ -211,6 +232,7 @@ class MemoryCircuits:
         token = str(self._seq)
         verdict, seconds, change = circuit.admit(now, token)
         if change:
+            self.opened.pop(circuit.key, None)  # half-open: no longer refused outright
             announce_half_open(circuit.key, change, self._probes)
         if verdict > 0:
             return Ticket(circuit.key, circuit.epoch, True, token)
