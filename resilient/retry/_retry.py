@@ -10,6 +10,7 @@ import asyncio
 import math
 import random
 from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
@@ -24,7 +25,8 @@ from .._outcomes import (
     failure_reason,
     is_idempotent,
 )
-from .._policy import Policy
+from .._policy import SLOW, Outcome, Policy
+from .._validate import integer, number, optional_number, reject
 from ..observe import _events, _metrics
 from ..observe._stats import RetryStats
 from ._attempt import AttemptClock
@@ -81,7 +83,7 @@ def _statuses(value: Iterable[int]) -> frozenset[int]:
     except TypeError:
         items = [-1]
     if not all(isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in items):
-        raise ValueError(f"Retry: statuses must be HTTP status codes 100..599, got {value!r}")
+        raise reject("Retry", "statuses", "HTTP status codes 100..599", value)
     return frozenset(int(s) for s in items)
 
 
@@ -141,6 +143,14 @@ class Retry(Policy):
     ``DeadlineExceeded`` is raised from the last exception. A body that cannot be sent
     again (an async generator already read) raises ``BodyNotReplayable``: it is not
     buffered. Every discarded response is released before the wait.
+
+    The loop after a first attempt, one retry per pass: classify the outcome (a plan:
+    reason and wait, or why not), check the wait against the caller's allowance, the
+    body and the budget, release the discarded response, wait, attempt again; any step
+    that says no gives up. In a :func:`resilient.chain` without an
+    ``attempt_timeout`` (or telemetry) the pipeline makes the first attempt:
+    :meth:`before` counts it in the budget, :meth:`after` lets stand what ``__call__``
+    would hand on as it is, and :meth:`resume` runs the same loop from its outcome.
     """
 
     __slots__ = (
@@ -169,45 +179,24 @@ class Retry(Policy):
         circuit_wait: float = DEFAULT_CIRCUIT_WAIT,
         attempt_timeout: float | None = None,
     ) -> None:
-        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
-            raise ValueError(f"Retry: attempts must be an integer >= 1, got {attempts!r}")
+        attempts = integer("Retry", "attempts", attempts, 1)
         if budget is not None and not isinstance(budget, RetryBudget):
-            raise ValueError(f"Retry: budget must be a RetryBudget or None, got {budget!r}")
-        if (
-            isinstance(max_delay, bool)
-            or not isinstance(max_delay, (int, float))
-            or not 0.0 <= max_delay < math.inf
-        ):
-            raise ValueError(
-                f"Retry: max_delay must be a finite number >= 0 (seconds), got {max_delay!r}"
-            )
-        if (
-            isinstance(circuit_wait, bool)
-            or not isinstance(circuit_wait, (int, float))
-            or not 0.0 <= circuit_wait < math.inf
-        ):
-            raise ValueError(
-                "Retry: circuit_wait must be a finite number >= 0 (seconds; 0: never wait"
-                f" for a circuit), got {circuit_wait!r}"
-            )
-        if attempt_timeout is not None and (
-            isinstance(attempt_timeout, bool)
-            or not isinstance(attempt_timeout, (int, float))
-            or not 0.0 < attempt_timeout < math.inf
-        ):
-            raise ValueError(
-                "Retry: attempt_timeout must be None (no bound) or a finite number > 0"
-                f" (seconds), got {attempt_timeout!r}"
-            )
+            raise reject("Retry", "budget", "a RetryBudget or None", budget)
+        max_delay = number("Retry", "max_delay", max_delay, 0.0, math.inf, high_open=True)
+        circuit_wait = number("Retry", "circuit_wait", circuit_wait, 0.0, math.inf, high_open=True)
+        attempt_timeout = optional_number(
+            "Retry", "attempt_timeout", attempt_timeout, 0.0, math.inf,
+            low_open=True, high_open=True, none_means="no bound",
+        )  # fmt: skip
         self._attempts = attempts
-        self._attempt_timeout = None if attempt_timeout is None else float(attempt_timeout)
+        self._attempt_timeout = attempt_timeout
         self._statuses = _statuses(statuses)
         self._backoff = backoff
         self._new_backoff = per_call_factory(backoff)
         self._budget = budget
         self._balance = Balance(budget) if budget is not None else None
-        self._max_delay = float(max_delay)
-        self._circuit_wait = float(circuit_wait)
+        self._max_delay = max_delay
+        self._circuit_wait = circuit_wait
 
     @property
     def attempts(self) -> int:
@@ -255,113 +244,58 @@ class Retry(Policy):
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, by_host(request), request, handler)
-        started = _deadline.mark_start(request, _clock.now_for(request))
-        balance = self._balance
-        if balance is not None:
-            balance.deposit(started)
+        started = self._start(request)
         seconds = self._attempt_timeout
         clock = None if seconds is None else AttemptClock(request, started, seconds)
         try:
             resp = await (handler(request) if clock is None else clock.run(handler, request))
         except aiohttp.ClientError as exc:
-            if self._attempts == 1 or (
-                failure_reason(request, exc) is None and self._break(exc) is None
-            ):
+            if self._stands(request, exc):
                 raise
-            return await self._retry(request, handler, started, None, exc, clock)
+            return await _Call(self, request, handler, started, clock, exc).run()
         if resp.status not in self._statuses:
             return resp
-        return await self._retry(request, handler, started, resp, None, clock)
+        return await _Call(self, request, handler, started, clock, resp).run()
 
-    async def _retry(
-        self,
-        request: ClientRequest,
-        handler: ClientHandlerType,
-        started: float,
-        resp: ClientResponse | None,
-        exc: aiohttp.ClientError | None,
-        clock: AttemptClock | None,
+    def before(self, request: ClientRequest) -> Any:
+        """The call's start (the ticket), the first attempt counted in the budget; SLOW
+        with an ``attempt_timeout`` (its clock wraps the attempt) or telemetry installed
+        (:func:`_metrics.counted` wraps the call)."""
+        if self._attempt_timeout is not None or _metrics.recorder is not None:
+            return SLOW
+        return self._start(request)
+
+    def after(self, ticket: float, request: ClientRequest, outcome: Outcome) -> bool:
+        """True when ``__call__`` would hand the first attempt's outcome on as it is (a
+        status not retried, an error not retried, a cancellation); False: :meth:`resume`."""
+        if isinstance(outcome, ClientResponse):
+            return outcome.status not in self._statuses
+        return not isinstance(outcome, aiohttp.ClientError) or self._stands(request, outcome)
+
+    async def resume(
+        self, ticket: float, request: ClientRequest, rest: ClientHandlerType, outcome: Outcome
     ) -> ClientResponse:
-        """The slow path: ``resp`` or ``exc`` is the outcome of the attempt just made
-        (under ``clock`` when there is an ``attempt_timeout``)."""
-        backoff: Backoff | None = None  # per-call strategy state, built on the first retry
-        key, made, why = by_host(request), self._attempts, "attempts exhausted"
-        sent = resp is not None or not isinstance(exc, CircuitOpenError)  # the wire was used
-        for attempt in range(1, self._attempts):  # attempt = number of this retry
-            refused = None if exc is None else self._break(exc)
-            if refused is not None:  # a short break: wait it out (nothing was sent)
-                reason = "circuit open"
-                delay = refused * (1.0 + CIRCUIT_SPREAD * random.random())
-                if delay > self._max_delay:
-                    made, why = attempt, "circuit break beyond max_delay"
-                    break
-            else:
-                retryable = self._reason(request, resp, exc)
-                if retryable is None:
-                    made, why = attempt, "not retryable"
-                    break
-                if clock is not None and exc is not None and exc is clock.error:
-                    retryable = ATTEMPT_TIMEOUT_REASON
-                if backoff is None:
-                    backoff = self._new_backoff()
-                wait = _wait_time(resp, _clamp(backoff(attempt), self._max_delay), self._max_delay)
-                if wait is None:  # the server asks for more than max_delay
-                    made, why = attempt, "server delay beyond max_delay"
-                    break
-                reason, delay = retryable, wait
-            if delay > _deadline.allowance(request, started):
-                if refused is not None:  # nothing sent: the breaker's verdict stands
-                    made, why = attempt, "deadline"
-                    break
-                _gave_up(request, key, attempt, resp, exc, "deadline", clock)
-                if resp is None:
-                    raise DeadlineExceeded(
-                        f"retry: the next attempt ({delay:.3f}s away) would start after"
-                        " the caller's deadline or the session's total timeout"
-                    ) from exc
-                return resp
-            if not body_replayable(request):
-                _gave_up(request, key, attempt, resp, exc, "body not replayable", clock)
-                if resp is not None:
-                    resp.release()
-                raise BodyNotReplayable(
-                    f"retry: {reason} needs the request sent again, but its body was a"
-                    " one-shot stream that was already read"
-                ) from exc
-            withdrawn = _clock.now()
-            # A call that has sent nothing yet spends no budget: its next attempt is its
-            # first request on the wire, not a repeat of one.
-            balance = self._balance if sent else None
-            if balance is not None and not balance.withdraw(withdrawn):
-                made, why = attempt, "retry budget exhausted"
-                break
-            status = None if resp is None else resp.status
-            if resp is not None:
-                resp.release()
-            _events.emit(
-                "retry_scheduled", "retry", key, request,
-                attempt=attempt, delay=delay, status=status, reason=reason,
-            )  # fmt: skip
-            with _metrics.waiting("retry", key, status):
-                await _backoff_sleep(balance, withdrawn, delay)
-            try:
-                if clock is None:
-                    resp, exc = await handler(request), None
-                else:
-                    resp, exc = await clock.run(handler, request), None
-            except aiohttp.ClientError as error:
-                resp, exc = None, error
-                if isinstance(error, CircuitOpenError):  # refused: this retry sent nothing
-                    if balance is not None:
-                        balance.refund(withdrawn)
-                else:
-                    sent = True
-            else:
-                if resp.status not in self._statuses:
-                    return resp
-                sent = True
-        _gave_up(request, key, made, resp, exc, why, clock)
-        return _give_up(resp, exc)
+        """The retry loop from the first attempt's ``outcome``, the call started at
+        ``ticket``: what ``__call__`` does after its first attempt."""
+        if not isinstance(outcome, ClientResponse | aiohttp.ClientError):
+            raise outcome  # pragma: no cover - after() lets every other outcome stand
+        return await _Call(self, request, rest, ticket, None, outcome).run()
+
+    def _start(self, request: ClientRequest) -> float:
+        """The call's start (:func:`_deadline.mark_start`), counted as a first attempt in
+        the budget."""
+        started = _deadline.mark_start(request, _clock.now_for(request))
+        balance = self._balance
+        if balance is not None:
+            balance.deposit(started)
+        return started
+
+    def _stands(self, request: ClientRequest, exc: aiohttp.ClientError) -> bool:
+        """The first attempt's ``exc`` is raised as it is: one attempt only, or neither a
+        retryable failure nor a short circuit break."""
+        return self._attempts == 1 or (
+            failure_reason(request, exc) is None and self._break(exc) is None
+        )
 
     def _break(self, exc: aiohttp.ClientError) -> float | None:
         """``retry_after`` of a ``CircuitOpenError`` whose break Retry waits out (``0 <
@@ -370,30 +304,235 @@ class Retry(Policy):
             return exc.retry_after
         return None
 
-    def _reason(
+
+class _Plan(NamedTuple):
+    """The retry to come: its reason (the event's), the wait before it, and whether that
+    waits out a circuit break (then nothing was sent yet)."""
+
+    reason: str
+    delay: float
+    broken: bool
+
+
+class _Call:
+    """One call past its first attempt (the slow path): the retry loop as named steps, and
+    the state they share. ``resp`` / ``exc``: the last attempt's outcome; ``sent``: a
+    request of this call reached the wire (a ``CircuitOpenError`` sends nothing)."""
+
+    __slots__ = (
+        "backoff",
+        "charged",
+        "clock",
+        "exc",
+        "handler",
+        "key",
+        "policy",
+        "request",
+        "resp",
+        "sent",
+        "started",
+        "withdrawn",
+    )
+
+    def __init__(
         self,
+        policy: Retry,
         request: ClientRequest,
-        resp: ClientResponse | None,
-        exc: aiohttp.ClientError | None,
-    ) -> str | None:
-        """Why this outcome may be retried, or ``None`` (see the class docstring)."""
-        if resp is None:
-            return None if exc is None else failure_reason(request, exc)
-        status = resp.status
-        if status in _NOT_PROCESSED_STATUSES or is_idempotent(request):
-            return f"status {status}"
+        handler: ClientHandlerType,
+        started: float,
+        clock: AttemptClock | None,
+        first: ClientResponse | aiohttp.ClientError,
+    ) -> None:
+        self.policy = policy
+        self.request = request
+        self.handler = handler
+        self.started = started
+        self.clock = clock
+        self.key = by_host(request)
+        self.resp: ClientResponse | None = None
+        self.exc: aiohttp.ClientError | None = None
+        if isinstance(first, ClientResponse):
+            self.resp = first
+        else:
+            self.exc = first
+        self.sent = not isinstance(first, CircuitOpenError)
+        self.backoff: Backoff | None = None  # per-call strategy state, built on the first retry
+        self.charged: Balance | None = None  # the budget this retry was counted in
+        self.withdrawn = 0.0  # when it was counted there
+
+    async def run(self) -> ClientResponse:
+        """Retry until an outcome stands or a step gives up; the loop of the class
+        docstring of :class:`Retry`."""
+        attempts = self.policy._attempts
+        for attempt in range(1, attempts):  # attempt: the number of the retry to come
+            plan = self.classify(attempt)
+            if isinstance(plan, str):
+                return self.give_up(attempt, plan)
+            if plan.delay > _deadline.allowance(self.request, self.started):
+                return self.out_of_time(attempt, plan)
+            if not body_replayable(self.request):
+                raise self.unreplayable(attempt, plan)
+            if not self.spend():
+                return self.give_up(attempt, "retry budget exhausted")
+            status = self.discard(attempt, plan)
+            await self.wait(plan.delay, status)
+            final = await self.attempt()
+            if final is not None:
+                return final
+        return self.give_up(attempts, "attempts exhausted")
+
+    def classify(self, attempt: int) -> _Plan | str:
+        """The plan of retry ``attempt`` from the last outcome, or why there is none.
+
+        A short circuit break is waited out: ``retry_after × (1 + CIRCUIT_SPREAD ×
+        U[0, 1))``. A retryable status or error waits ``max(backoff(attempt),
+        Retry-After)``, the backoff clamped to ``[0, max_delay]``; a ``Retry-After`` above
+        ``max_delay`` gives up."""
+        policy, resp, exc = self.policy, self.resp, self.exc
+        max_delay = policy._max_delay
+        refused = None if exc is None else policy._break(exc)
+        if refused is not None:
+            delay = refused * (1.0 + CIRCUIT_SPREAD * random.random())
+            if delay > max_delay:
+                return "circuit break beyond max_delay"
+            return _Plan("circuit open", delay, True)
+        reason = _reason(self.request, resp, exc)
+        if reason is None:
+            return "not retryable"
+        if self.timed_out():
+            reason = ATTEMPT_TIMEOUT_REASON
+        if self.backoff is None:
+            self.backoff = policy._new_backoff()
+        wait = _wait_time(resp, _clamp(self.backoff(attempt), max_delay), max_delay)
+        if wait is None:
+            return "server delay beyond max_delay"
+        return _Plan(reason, wait, False)
+
+    def out_of_time(self, attempt: int, plan: _Plan) -> ClientResponse:
+        """The wait would end past the caller's allowance: a break's refusal stands (re-
+        raised); else the last response is returned, or ``DeadlineExceeded`` raised from
+        the last error."""
+        if plan.broken:
+            return self.give_up(attempt, "deadline")
+        self.gave_up(attempt, "deadline")
+        if self.resp is not None:
+            return self.resp
+        raise DeadlineExceeded(
+            f"retry: the next attempt ({plan.delay:.3f}s away) would start after"
+            " the caller's deadline or the session's total timeout"
+        ) from self.exc
+
+    def unreplayable(self, attempt: int, plan: _Plan) -> BodyNotReplayable:
+        """The error for a body that cannot be sent again (a one-shot stream already
+        read), caused by the last error; the last response is released."""
+        self.gave_up(attempt, "body not replayable")
+        if self.resp is not None:
+            self.resp.release()
+        error = BodyNotReplayable(
+            f"retry: {plan.reason} needs the request sent again, but its body was a"
+            " one-shot stream that was already read"
+        )
+        error.__cause__ = self.exc
+        return error
+
+    def spend(self) -> bool:
+        """Count the retry in the budget now; False when the budget does not cover it.
+        A call that has sent nothing yet spends nothing: its next attempt is its first
+        request on the wire, not a repeat of one."""
+        self.withdrawn = _clock.now()
+        charged = self.charged = self.policy._balance if self.sent else None
+        return charged is None or charged.withdraw(self.withdrawn)
+
+    def discard(self, attempt: int, plan: _Plan) -> int | None:
+        """Release the response given up (its status is returned; None after an error)
+        and announce retry ``attempt`` (``retry_scheduled``)."""
+        resp = self.resp
+        status = None if resp is None else resp.status
+        if resp is not None:
+            resp.release()
+        _events.emit(
+            "retry_scheduled", "retry", self.key, self.request,
+            attempt=attempt, delay=plan.delay, status=status, reason=plan.reason,
+        )  # fmt: skip
+        return status
+
+    async def wait(self, delay: float, status: int | None) -> None:
+        """Sleep ``delay``; a caller cancelled meanwhile never sends its retry, so the
+        retry goes back to the budget."""
+        with _metrics.waiting("retry", self.key, status):
+            try:
+                await _clock.sleep(delay)
+            except asyncio.CancelledError:
+                if self.charged is not None:
+                    self.charged.refund(self.withdrawn)
+                raise
+
+    async def attempt(self) -> ClientResponse | None:
+        """Send the request again (under the attempt clock, if any): the response that
+        ends the call (a status not retried), else None with the outcome kept. A retry an
+        open circuit refuses sent nothing: it goes back to the budget."""
+        clock = self.clock
+        try:
+            if clock is None:
+                resp = await self.handler(self.request)
+            else:
+                resp = await clock.run(self.handler, self.request)
+        except aiohttp.ClientError as error:
+            self.resp, self.exc = None, error
+            if not isinstance(error, CircuitOpenError):
+                self.sent = True
+            elif self.charged is not None:
+                self.charged.refund(self.withdrawn)
+            return None
+        self.resp, self.exc = resp, None
+        if resp.status not in self.policy._statuses:
+            return resp
+        self.sent = True
         return None
 
+    def give_up(self, attempts: int, why: str) -> ClientResponse:
+        """Announce the end after ``attempts`` (``retry_gave_up``); hand back the last
+        response unchanged, or re-raise the last exception."""
+        self.gave_up(attempts, why)
+        if self.resp is not None:
+            return self.resp
+        exc, self.exc = self.exc, None
+        assert exc is not None
+        try:
+            raise exc
+        finally:
+            del exc  # no cycle through the traceback's frame
 
-async def _backoff_sleep(balance: Balance | None, withdrawn: float, delay: float) -> None:
-    """Sleep ``delay``; a caller cancelled meanwhile never sends its retry, so the retry
-    counted at ``withdrawn`` goes back to the budget."""
-    try:
-        await _clock.sleep(delay)
-    except asyncio.CancelledError:
-        if balance is not None:
-            balance.refund(withdrawn)
-        raise
+    def gave_up(self, attempts: int, why: str) -> None:
+        """Emit ``retry_gave_up``: ``attempts`` made, the last status or error, and why."""
+        resp, exc = self.resp, self.exc
+        status = None if resp is None else resp.status
+        if resp is None and exc is not None:
+            cause = ATTEMPT_TIMEOUT_REASON if self.timed_out() else type(exc).__name__
+            why = f"{why} ({cause})"
+        _events.emit(
+            "retry_gave_up", "retry", self.key, self.request,
+            attempt=attempts, status=status, reason=why,
+        )  # fmt: skip
+
+    def timed_out(self) -> bool:
+        """The last attempt was abandoned by ``attempt_timeout``."""
+        clock = self.clock
+        return clock is not None and self.exc is not None and self.exc is clock.error
+
+
+def _reason(
+    request: ClientRequest, resp: ClientResponse | None, exc: aiohttp.ClientError | None
+) -> str | None:
+    """Why this outcome may be retried, or ``None`` (see the class docstring of
+    :class:`Retry`): a listed status for an idempotent request or one proving the request
+    was not processed (429, 503); a retryable failure (:func:`failure_reason`)."""
+    if resp is None:
+        return None if exc is None else failure_reason(request, exc)
+    status = resp.status
+    if status in _NOT_PROCESSED_STATUSES or is_idempotent(request):
+        return f"status {status}"
+    return None
 
 
 def _wait_time(resp: ClientResponse | None, backoff: float, max_delay: float) -> float | None:
@@ -409,30 +548,3 @@ def _wait_time(resp: ClientResponse | None, backoff: float, max_delay: float) ->
 def _clamp(delay: float, max_delay: float) -> float:
     """A backoff's delay within [0, max_delay] (NaN and negatives -> 0)."""
     return min(delay, max_delay) if delay > 0.0 else 0.0
-
-
-def _gave_up(
-    request: ClientRequest,
-    key: str,
-    attempts: int,
-    resp: ClientResponse | None,
-    exc: BaseException | None,
-    why: str,
-    clock: AttemptClock | None = None,
-) -> None:
-    """Emit ``retry_gave_up``: ``attempts`` made, the last status or error, and why."""
-    status = None if resp is None else resp.status
-    if resp is None and exc is not None:
-        timed_out = clock is not None and exc is clock.error
-        why = f"{why} ({ATTEMPT_TIMEOUT_REASON if timed_out else type(exc).__name__})"
-    _events.emit(
-        "retry_gave_up", "retry", key, request, attempt=attempts, status=status, reason=why
-    )
-
-
-def _give_up(resp: ClientResponse | None, exc: aiohttp.ClientError | None) -> ClientResponse:
-    """Hand back the last response unchanged, or re-raise the last exception."""
-    if resp is not None:
-        return resp
-    assert exc is not None
-    raise exc
