@@ -33,7 +33,7 @@ import heapq
 import math
 from array import array
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 from aiohttp.payload import BytesPayload
@@ -41,8 +41,9 @@ from aiohttp.payload import BytesPayload
 from .. import _clock, _deadline
 from .._keys import KeyFunc, by_host
 from .._outcomes import is_idempotent
-from .._policy import Policy
+from .._policy import SLOW, Outcome, Policy
 from .._state import DEFAULT_MAX_KEYS, KeyedState
+from .._validate import integer, optional_number, reject
 from ..observe import _events, _metrics
 from ..observe._stats import HedgeStats
 from ..retry._budget import Balance, RetryBudget
@@ -79,6 +80,7 @@ WARMUP_DELAY = 1.0
 response slower than a second is in anyone's tail (Polly's fixed default is 2 s)."""
 
 _KIND = "hedge"
+_OWNER = "Hedge"
 
 
 def hedgeable(request: ClientRequest) -> bool:
@@ -152,27 +154,6 @@ def quantile(values: Sequence[float], q: float) -> float:
     return low + (position - below) * (high - low)
 
 
-def _check_delay(delay: object) -> float | None:
-    if delay is None:
-        return None
-    if (
-        isinstance(delay, bool)
-        or not isinstance(delay, (int, float))
-        or not 0.0 <= delay < math.inf
-    ):
-        raise ValueError(
-            f"Hedge: delay must be None (learn the p95) or a finite number >= 0 (seconds),"
-            f" got {delay!r}"
-        )
-    return float(delay)
-
-
-def _check_count(name: str, value: object, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise ValueError(f"Hedge: {name} must be an int in [1, {high}], got {value!r}")
-    return value
-
-
 class Hedge(Policy):
     """Send a copy of a slow idempotent call; the first response wins (module docstring).
 
@@ -211,21 +192,19 @@ class Hedge(Policy):
         key: KeyFunc = by_host,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._delay = _check_delay(delay)
-        self._max_hedges = _check_count("max_hedges", max_hedges, MAX_HEDGES)
+        self._delay = optional_number(
+            _OWNER, "delay", delay, 0.0, math.inf, high_open=True, none_means="learn the p95"
+        )
+        self._max_hedges = integer(_OWNER, "max_hedges", max_hedges, 1, MAX_HEDGES)
         if budget is not None and not isinstance(budget, RetryBudget):
-            raise ValueError(f"Hedge: budget must be a RetryBudget or None, got {budget!r}")
+            raise reject(_OWNER, "budget", "a RetryBudget or None", budget)
         self._budget = budget
         self._balance = None if budget is None else Balance(budget)
         if not callable(key):
-            raise ValueError(
-                f"Hedge: key must be a callable (request) -> str, got {type(key).__name__}"
-            )
+            raise reject(_OWNER, "key", "a callable (request) -> str", key)
         self._key = key
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ValueError(f"Hedge: max_keys must be an int >= 1, got {max_keys!r}")
         self._states: KeyedState[Latencies] = KeyedState(
-            lambda _key: Latencies(), _always_idle, max_keys
+            lambda _key: Latencies(), _always_idle, integer(_OWNER, "max_keys", max_keys)
         )
         self._get = self._states.get
         self._schedule = _Schedule()
@@ -268,6 +247,18 @@ class Hedge(Policy):
             f"Hedge(delay={self._delay!r}, max_hedges={self._max_hedges!r},"
             f" budget={self._budget!r}, key={getattr(self._key, '__name__', 'key')})"
         )
+
+    def before(self, request: ClientRequest) -> Any:
+        """A request it never hedges (not :func:`hedgeable`) goes once, untouched: its
+        ticket is None (nothing held, no latency recorded, as in ``__call__``); any
+        other is :data:`SLOW` (the race needs a task), as with a metrics backend."""
+        if _metrics.recorder is not None or hedgeable(request):
+            return SLOW
+        return None
+
+    def after(self, ticket: None, request: ClientRequest, outcome: Outcome) -> bool:
+        """Nothing to record: the outcome stands."""
+        return True
 
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if _metrics.recorder is not None and _metrics.outside(self):

@@ -28,15 +28,16 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from .. import _clock, _deadline
 from .._errors import LimitExceeded
 from .._keys import KeyFunc, by_host
-from .._policy import Policy
+from .._policy import SLOW, Outcome, Policy
 from .._state import DEFAULT_MAX_KEYS, KeyedState
+from .._validate import integer, reject
 from ..observe import _events, _metrics
 from ..observe._stats import LimitStats
 
@@ -48,6 +49,7 @@ HOLD_WEIGHT = 0.1
 """Weight of the newest sample in the key's smoothed slot-holding time."""
 
 _KIND = "concurrency_limit"
+_OWNER = "ConcurrencyLimit"
 
 
 class _Slots:
@@ -83,13 +85,6 @@ class _Slots:
 def _idle(state: _Slots) -> bool:
     """Nothing to remember: no slot held, nobody queued (the hold estimate is a cache)."""
     return not state.flying and not state.waiters
-
-
-def _check_int(name: str, value: object, low: int, high: float) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        upper = "" if high == math.inf else f", <= {int(high)}"
-        raise ValueError(f"ConcurrencyLimit: {name} must be an int >= {low}{upper}, got {value!r}")
-    return value
 
 
 class ConcurrencyLimit(Policy):
@@ -128,19 +123,14 @@ class ConcurrencyLimit(Policy):
         key: KeyFunc = by_host,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._max_concurrent = _check_int("max_concurrent", max_concurrent, 1, MAX_CONCURRENT)
-        self._max_queue = (
-            None if max_queue is None else _check_int("max_queue", max_queue, 0, math.inf)
-        )
+        self._max_concurrent = integer(_OWNER, "max_concurrent", max_concurrent, 1, MAX_CONCURRENT)
+        self._max_queue = None if max_queue is None else integer(_OWNER, "max_queue", max_queue, 0)
         if not callable(key):
-            raise ValueError(
-                "ConcurrencyLimit: key must be a callable (request) -> str,"
-                f" got {type(key).__name__}"
-            )
+            raise reject(_OWNER, "key", "a callable (request) -> str", key)
         self._key = key
         limit = self._max_concurrent
         self._states: KeyedState[_Slots] = KeyedState(
-            lambda _key: _Slots(limit), _idle, _check_int("max_keys", max_keys, 1, math.inf)
+            lambda _key: _Slots(limit), _idle, integer(_OWNER, "max_keys", max_keys)
         )
         self._get = self._states.get
 
@@ -196,6 +186,25 @@ class ConcurrencyLimit(Policy):
             return await handler(request)
         finally:
             state.release(_clock.now_for(request) - started)
+
+    def before(self, request: ClientRequest) -> Any:
+        """``__call__``'s admission when a slot is free and nobody queues: the ticket is
+        ``(the key's slots, loop time taken)``; else :data:`SLOW` (queue or refuse), as
+        with a metrics backend (``__call__`` counts the call)."""
+        if _metrics.recorder is not None:
+            return SLOW
+        key = self._key(request)
+        state = self._get(key) or self._states.get_or_create(key)
+        if state.flying < state.limit and not state.waiters:
+            state.flying += 1
+            return state, request.loop.time()
+        return SLOW
+
+    def after(self, ticket: tuple[_Slots, float], request: ClientRequest, outcome: Outcome) -> bool:
+        """Hand the slot back, whatever the outcome (a cancellation too); it stands."""
+        state, started = ticket
+        state.release(request.loop.time() - started)
+        return True
 
     async def _queue(self, request: ClientRequest, key: str, state: _Slots) -> None:
         """The slow path: refuse at once, or wait first come, first served for a slot
