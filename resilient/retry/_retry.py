@@ -244,7 +244,10 @@ class Retry(Policy):
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, by_host(request), request, handler)
-        started = self._start(request)
+        started = _deadline.mark_start(request, _clock.now_for(request))
+        balance = self._balance
+        if balance is not None:
+            balance.deposit(started)
         seconds = self._attempt_timeout
         clock = None if seconds is None else AttemptClock(request, started, seconds)
         try:
@@ -263,7 +266,11 @@ class Retry(Policy):
         (:func:`_metrics.counted` wraps the call)."""
         if self._attempt_timeout is not None or _metrics.recorder is not None:
             return SLOW
-        return self._start(request)
+        started = _deadline.mark_start(request, _clock.now_for(request))
+        balance = self._balance
+        if balance is not None:
+            balance.deposit(started)
+        return started
 
     def after(self, ticket: float, request: ClientRequest, outcome: Outcome) -> bool:
         """True when ``__call__`` would hand the first attempt's outcome on as it is (a
@@ -280,15 +287,6 @@ class Retry(Policy):
         if not isinstance(outcome, ClientResponse | aiohttp.ClientError):
             raise outcome  # pragma: no cover - after() lets every other outcome stand
         return await _Call(self, request, rest, ticket, None, outcome).run()
-
-    def _start(self, request: ClientRequest) -> float:
-        """The call's start (:func:`_deadline.mark_start`), counted as a first attempt in
-        the budget."""
-        started = _deadline.mark_start(request, _clock.now_for(request))
-        balance = self._balance
-        if balance is not None:
-            balance.deposit(started)
-        return started
 
     def _stands(self, request: ClientRequest, exc: aiohttp.ClientError) -> bool:
         """The first attempt's ``exc`` is raised as it is: one attempt only, or neither a
