@@ -1,0 +1,173 @@
+"""Hedge in the pipeline (``resilient.chain``): a request it never hedges (see
+``hedgeable``) goes once on the fast path, with no ticket; any other runs Hedge whole
+(its race needs tasks). Against a real loopback server, in virtual time (looptime): the
+same requests, events and stats as Hedge alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import resilient
+from resilient import Event, Hedge
+from resilient._policy import SLOW
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.looptime]
+
+Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Watched(Hedge):
+    """A Hedge that counts how the pipeline ran it: whole (``__call__``) or on the fast
+    path (``before`` gave a ticket)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.whole = self.tickets = 0
+
+    async def __call__(self, request, handler):
+        self.whole += 1
+        return await super().__call__(request, handler)
+
+    def before(self, request):
+        ticket = super().before(request)
+        if ticket is not SLOW:
+            self.tickets += 1
+        return ticket
+
+
+def after(seconds: float, text: str, status: int = 200) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(status=status, text=text)
+
+    return reply
+
+
+def held(gate: asyncio.Event) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(text="held")
+
+    return reply
+
+
+@pytest.fixture
+async def gate(server) -> AsyncIterator[asyncio.Event]:
+    event = asyncio.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def events() -> Iterator[list[Event]]:
+    seen: list[Event] = []
+    remove = resilient.add_hook(seen.append)
+    yield seen
+    remove()
+
+
+async def fetch(
+    client: aiohttp.ClientSession, method: str, url: str, middlewares: Any, **kw: Any
+) -> tuple[int, str] | str:
+    """``(status, text)`` of one call, or the name of the exception it raised."""
+    try:
+        async with client.request(method, url, middlewares=middlewares, **kw) as resp:
+            return resp.status, await resp.text()
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def test_a_post_goes_once_on_the_fast_path(server, client):
+    hedge = Watched(delay=0.5)
+    server.script("/", after(2.0, "own"))
+    outcome = await fetch(client, "POST", server.url + "/", resilient.chain(hedge), data=b"x")
+    assert outcome == (200, "own")
+    assert [a.body for a in server.arrivals] == [b"x"]  # no copy, although slow
+    assert (hedge.whole, hedge.tickets) == (0, 1)
+    assert hedge.stats() == {}  # no latency recorded (as alone)
+
+
+async def test_a_streamed_body_goes_once_on_the_fast_path(server, client):
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"chunk"
+
+    hedge = Watched(delay=0.5)
+    server.script("/", after(2.0, "own"))
+    outcome = await fetch(client, "PUT", server.url + "/", resilient.chain(hedge), data=stream())
+    assert outcome == (200, "own")
+    assert server.count() == 1
+    assert (hedge.whole, hedge.tickets) == (0, 1)
+
+
+async def test_a_get_runs_hedge_whole_and_its_copy_wins(server, client):
+    hedge = Watched(delay=0.5)
+    server.script("/", after(10.0, "own"), after(0.1, "copy"))
+    outcome = await fetch(client, "GET", server.url + "/", resilient.chain(hedge))
+    assert outcome == (200, "copy")
+    assert (hedge.whole, hedge.tickets) == (1, 0)
+    stats = hedge.stats()[server.url]
+    assert (stats.hedged, stats.won, stats.samples) == (1, 1, 1)
+
+
+async def test_a_post_cancelled_mid_attempt_leaves_nothing_held_in_the_chain(server, client, gate):
+    hedge = Watched(delay=0.5)
+    breaker = resilient.CircuitBreaker(consecutive_failures=1)
+    limit = resilient.ConcurrencyLimit(1)
+    chain = resilient.chain(hedge, breaker, limit)
+    server.script("/held", held(gate))
+    flying = asyncio.create_task(fetch(client, "POST", server.url + "/held", chain, data=b"x"))
+    await until(lambda: server.count("/held") == 1)
+    assert limit.in_flight(server.url) == 1
+    flying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flying
+    assert limit.in_flight(server.url) == 0
+    assert breaker.stats()[server.url].calls == 0  # a cancellation is not an outcome
+    assert hedge.stats() == {}
+    assert await fetch(client, "POST", server.url + "/", chain, data=b"y") == (200, "status 200")
+    assert server.count() == 2  # no copy of either POST
+    assert hedge.whole == 0
+
+
+async def test_requests_events_and_stats_are_those_of_hedge_alone(server, client, events):
+    """Each case run twice in turn, by Hedge alone as a middleware and by the same
+    configuration in the pipeline."""
+    key = {"Idempotency-Key": "k1"}
+    cases: list[tuple[str, dict[str, Any], list[Reply]]] = [
+        ("POST", {"data": b"a"}, [after(2.0, "own")]),
+        ("GET", {}, [after(0.1, "fast")]),
+        ("GET", {}, [after(3.0, "own"), after(0.1, "copy")]),
+        ("POST", {"data": b"b", "headers": key}, [after(3.0, "own"), after(0.1, "copy")]),
+        ("DELETE", {}, [after(0.2, "own")]),
+        ("PATCH", {"data": b"c"}, [after(2.0, "own")]),
+    ]
+    alone, piped = Watched(delay=1.0), Watched(delay=1.0)
+    for method, options, replies in cases:
+        seen: list[tuple[Any, ...]] = []
+        for middlewares in ((alone,), resilient.chain(piped)):
+            server.script("/", *replies)
+            events.clear()
+            before = len(server.arrivals)
+            outcome = await fetch(client, method, server.url + "/", middlewares, **options)
+            await asyncio.sleep(0.01)  # the cancelled losers ran their cleanup
+            sent = [(a.method, a.body) for a in server.arrivals[before:]]
+            facts = [(e.kind, e.key, e.method, e.url, e.attempt, e.status) for e in events]
+            seen.append((outcome, sent, facts))
+        assert seen[1] == seen[0], method
+    assert piped.stats() == alone.stats()
+    assert alone.stats()[server.url].hedged == 2
+    assert (piped.whole, piped.tickets) == (4, 2)  # GET, GET, POST with a key, DELETE
