@@ -266,7 +266,7 @@ class Retry(Policy):
         (:func:`_metrics.counted` wraps the call)."""
         if self._attempt_timeout is not None or _metrics.recorder is not None:
             return SLOW
-        started = _deadline.mark_start(request, _clock.now_for(request))
+        started = _clock.now_for(request)  # the pipeline marks the call before resume
         balance = self._balance
         if balance is not None:
             balance.deposit(started)
