@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from typing import TYPE_CHECKING
 
 from limits import RateLimitItem, parse_many
 
 from .. import _clock
+
+if TYPE_CHECKING:
+    from .._errors import StorageError
 
 __all__ = [
     "MEMORY_STORAGE",
@@ -121,13 +125,14 @@ class MovingWindow:
 
 
 class Quotas:
-    """The windows of one :class:`~resilient.Throttle`, per key, in this process's memory
-    (shared windows: :class:`resilient.throttle._redis.SharedQuotas`).
+    """The windows of one :class:`~resilient.Throttle`, per key, in this process's memory:
+    the memory peer of the :class:`~resilient.throttle._store.QuotaStore` interface
+    (shared windows: :class:`resilient.throttle._redis.RedisQuotas`).
 
-    :meth:`room_at` and :meth:`record_at` are the synchronous fast path (the Throttle
-    calls them when the quotas are in memory); :meth:`room` and :meth:`record` are the
-    awaitable interface shared with :class:`~resilient.throttle._redis.SharedQuotas`. A
-    key's windows are dropped once none holds a slot (swept when new keys come).
+    :meth:`board` (:meth:`room_at`) always answers, synchronously, and every ticket is
+    ``""``; :meth:`land` is :meth:`record_at`. :meth:`room` and :meth:`record` read and
+    write the windows on the event loop's clock. A key's windows are dropped once none
+    holds a slot (swept when new keys come).
     """
 
     __slots__ = ("_items", "_specs", "_sweep_at", "_windows", "text")
@@ -183,6 +188,24 @@ class Quotas:
     async def record(self, key: str) -> None:
         """:meth:`record_at` now (the event loop's clock)."""
         self.record_at(key, _clock.now())
+
+    # --- the QuotaStore interface ------------------------------------------------------
+
+    def board(self, key: str, in_flight: int, now: float) -> tuple[float, str]:
+        """:meth:`room_at`: ``(0.0, "")`` (room: the caller counts itself in flight) or
+        the wait; never None (memory always answers)."""
+        return self.room_at(key, in_flight, now)
+
+    async def ask(self, key: str, in_flight: int) -> tuple[float, str]:
+        """:meth:`board` now (memory has no backend to ask)."""
+        return self.room_at(key, in_flight, _clock.now())
+
+    def land(self, key: str, ticket: str, now: float) -> None:
+        """:meth:`record_at` (every ticket is ``""``)."""
+        self.record_at(key, now)
+
+    def warn(self, exc: StorageError) -> None:  # pragma: no cover - memory does not fail
+        """Memory does not fail."""
 
     def __len__(self) -> int:
         """Keys whose windows are held (some may be empty until the next sweep)."""

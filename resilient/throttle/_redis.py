@@ -1,90 +1,373 @@
 """Quota windows shared through Redis: every process's requests count in one window.
 
-The windows are ``limits``' moving windows, kept in ``limits``' Redis layout (one list
-of timestamps per window, newest first, under ``resilient:LIMITER/...``), so
-``limits``' own ``MovingWindowRateLimiter`` reads the same counts. Two scripts make
-the rule of :mod:`resilient.throttle._quota` hold across processes and hosts:
+:class:`RedisQuotas` is the Redis peer of :class:`~resilient.throttle._quota.Quotas` (the
+same :class:`~resilient.throttle._store.QuotaStore` interface). The windows are
+``limits``' moving windows, kept in ``limits``' Redis layout (one list of timestamps per
+window, newest first, under ``resilient:LIMITER/...``), so ``limits``' own
+``MovingWindowRateLimiter`` reads the same counts. Three scripts make the rule of
+:mod:`resilient.throttle._quota` hold across processes and hosts:
 
-- ``quota_board``: if ``used + in_flight < amount`` in every window, where
-  ``in_flight`` counts every process's requests in flight (a sorted set of tickets),
-  add this request's ticket (one round trip); else return the wait.
-- ``quota_land``: when the attempt ends, remove the ticket and take a slot
-  timestamped with Redis's ``TIME`` (a later time than the server's arrival).
+- ``quota_board``: if ``used + in_flight < amount`` in every window, where ``in_flight``
+  counts every process's tickets in flight (a sorted set), add this request's ticket, or
+  several at once (a lease, :mod:`resilient.throttle._lease`); else return the wait;
+- ``quota_land``: attempts ended: their tickets leave the set and take slots
+  timestamped with Redis's ``TIME`` (later than the server's arrival); leased tickets
+  left unused leave the set;
+- ``quota_forget``: a boarding that never answered its caller is taken out.
 
-Landing runs in the background, so a request costs one round trip on its way out.
-A ticket is leased for the longest window plus :data:`IN_FLIGHT_LEASE` seconds: a
-landing that never comes (the process died, or Redis failed then) holds its slot at
-least as long as a recorded slot would have, then frees it. A window full of other
-processes' requests in flight is looked at again every :data:`POLL` seconds (their
-landings do not wake this process).
+**Round trips.** A caller waits for Redis only when this process holds no leased ticket
+for the key (``board`` answers None, ``ask`` boards: one round trip). A busy key leases
+``demand + 1`` tickets while the windows have plenty of room, and renews its lease in the
+background before it runs out, so its callers find a ticket here (no round trip);
+near the limit every request boards alone, as without leases. Landings and hand-backs
+go in the background, one send per key at a time: those that come while a send is on its
+way go together in the next one.
 
-A boarding that never answers its caller (cancelled, or its reply came after the storage
-timeout: ``StorageError``) may have boarded all the same: ``quota_forget`` takes its
-ticket out in the background, naming it, and if the boarding has not arrived yet (its
-command was overtaken) remembers the ticket as gone, so that boarding counts nothing.
+**What is held is handed back.** A ticket is leased in Redis for the longest window plus
+:data:`IN_FLIGHT_LEASE` seconds: a landing that never comes (the process died, or Redis
+failed then) holds its place at least as long as a recorded slot would have, then
+frees it. A boarding that never answers its caller (cancelled, or its reply came after
+the storage timeout: ``StorageError``) may have boarded all the same: ``quota_forget``
+takes its tickets out in the background, naming them, and if the boarding has not
+arrived yet (its command was overtaken) remembers its first ticket as gone, so that
+boarding counts nothing. Leased tickets unused :data:`~resilient.throttle._lease.LEASE`
+seconds after their lease, and every spare at :meth:`RedisQuotas.drain`, are handed
+back by name. A window full of other processes' requests in flight is looked at again
+every :data:`POLL` seconds (their landings do not wake this process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import deque
 from collections.abc import Coroutine
-from typing import Any
-
-from limits import RateLimitItem
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from .. import _clock
 from .._errors import StorageError
-from ..storage import OnStorageError
 from ..storage._redis import KEY_PREFIX, RedisStore, seconds, tag
-from ._quota import MIN_QUOTA_WAIT, NAMESPACE, Quotas
+from ._lease import LEASE, SPREAD, Lease
+from ._quota import MIN_QUOTA_WAIT, NAMESPACE, parse_quotas
 
-__all__ = ["IN_FLIGHT_LEASE", "KEY_CACHE", "POLL", "SharedQuotas"]
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+
+    from ._quota import Quotas
+
+__all__ = ["IN_FLIGHT_LEASE", "KEY_CACHE", "MAX_BATCH", "POLL", "RedisQuotas"]
 
 IN_FLIGHT_LEASE = 300.0
-"""Seconds, beyond the longest window, that a ticket of a request in flight lives."""
+"""Seconds, beyond the longest window, that a ticket in flight lives in Redis."""
 POLL = 0.05
 """Seconds between two looks at a window full of other processes' requests in flight."""
 KEY_CACHE = 1024
-"""Policy keys whose Redis key names are kept built (the oldest is dropped first)."""
+"""Policy keys whose Redis key names (and idle leases) are kept (the oldest go first)."""
+MAX_BATCH = 512
+"""Most tickets one ``quota_land`` call carries (more go in the next call)."""
+
+_KIND = "throttle"
+_BOARDED = (0.0, "")
 
 
-class SharedQuotas(Quotas):
-    """:class:`~resilient.throttle._quota.Quotas` with the windows and in-flight counts in Redis.
+class RedisQuotas:
+    """The Redis store of a :class:`~resilient.Throttle`'s quotas (see the module docstring).
 
-    ``on_storage_error="allow"``: when Redis fails, the windows of this process alone
-    (in memory) decide, with a warning logged at most every 10 s.
+    ``local``: this process's own windows, which count a landing Redis did not take
+    (``on_storage_error="allow"``: they decide while Redis fails), or None.
     """
 
     __slots__ = (
         "_args",
         "_client",
-        "_landing",
-        "_lease",
+        "_flights",
+        "_items",
+        "_landed",
+        "_leases",
+        "_local",
         "_longest",
+        "_loop",
         "_names",
-        "_on_error",
+        "_returned",
         "_seq",
         "_store",
-        "_tickets",
+        "_tasks",
+        "_ttl",
+        "text",
     )
 
-    def __init__(self, text: str, store: RedisStore, on_error: OnStorageError) -> None:
-        super().__init__(text)  # the fallback windows
+    def __init__(self, text: str, store: RedisStore, local: Quotas | None) -> None:
+        self.text = text
+        self._items = parse_quotas(text)
         self._store = store
-        self._on_error = on_error
+        self._local = local
         self._client = uuid.uuid4().hex
         self._seq = 0
-        self._tickets: dict[str, deque[str]] = {}
-        self._landing: set[asyncio.Task[None]] = set()
-        self._names: dict[str, list[str]] = {}
         windows: list[Any] = []
         for item in self._items:
             windows += [item.amount, item.get_expiry()]
         self._args = windows
         self._longest = float(max(item.get_expiry() for item in self._items))
-        self._lease = self._longest + IN_FLIGHT_LEASE
+        self._ttl = self._longest + IN_FLIGHT_LEASE
+        self._names: dict[str, list[str]] = {}
+        self._leases: dict[str, Lease] = {}
+        self._landed: dict[str, list[str]] = {}
+        """key -> tickets whose attempts ended, not sent yet."""
+        self._returned: dict[str, list[str]] = {}
+        """key -> leased tickets handed back unused, not sent yet."""
+        self._flights: dict[str, asyncio.Task[None]] = {}
+        """key -> its send on its way (one per key at a time)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the timers and tasks above (another one starts afresh)."""
+
+    # --- the interface --------------------------------------------------------------
+
+    def board(self, key: str, in_flight: int, now: float) -> tuple[float, str] | None:
+        """A leased ticket of ``key`` if this process holds one (renewing the lease in
+        the background when it runs low), else None."""
+        lease = self._leases.get(key)
+        if lease is None or not lease.spare:
+            return None
+        if asyncio.get_running_loop() is not self._loop:
+            self._adopt()
+            return None
+        ticket = lease.spare.pop()
+        lease.count(now)
+        want = lease.renewal(now)
+        if want:
+            self._ask_ahead(key, lease, want)
+        return 0.0, ticket
+
+    async def ask(self, key: str, in_flight: int) -> tuple[float, str]:
+        """One round trip: board ``key`` in Redis (leasing places when it is busy) or the
+        wait; see the module docstring."""
+        lease = self._lease(key)
+        want = lease.want(_clock.now())
+        if want > 1:
+            lease.asking = True  # the callers meanwhile board alone (no double lease)
+        try:
+            tickets, wait = await self._board(key, want)
+        finally:
+            if want > 1:
+                lease.asking = False
+        if not tickets:
+            return wait
+        now = _clock.now()
+        lease.count(now)
+        if len(tickets) > 1:
+            self._keep(key, lease, tickets[1:], now)
+        return 0.0, tickets[0]
+
+    def land(self, key: str, ticket: str, now: float) -> None:
+        """Queue the landing; it reaches Redis in the background."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._adopt()
+        landed = self._landed.get(key)
+        if landed is None:
+            self._landed[key] = [ticket]
+        else:
+            landed.append(ticket)
+        if key not in self._flights:
+            self._send(key)
+
+    def warn(self, exc: StorageError) -> None:
+        self._store.warn(_KIND, exc, _clock.now())
+
+    # --- beyond the interface -------------------------------------------------------
+
+    @property
+    def items(self) -> tuple[RateLimitItem, ...]:
+        return self._items
+
+    @property
+    def store(self) -> RedisStore:
+        return self._store
+
+    def spares(self, key: str) -> int:
+        """Leased tickets of ``key`` this process holds unused."""
+        lease = self._leases.get(key)
+        return 0 if lease is None else len(lease.spare)
+
+    async def drain(self) -> None:
+        """Hand back every leased ticket unused and wait until every landing and hand-back
+        in the background has reached Redis (tests, shutdown)."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._adopt()
+        while True:
+            for key, lease in self._leases.items():
+                if lease.timer is not None:
+                    lease.timer.cancel()
+                    lease.timer = None
+                if lease.spare:
+                    self._hand_back(key, lease)
+            if not self._tasks:
+                return
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- boarding -------------------------------------------------------------------
+
+    async def _board(self, key: str, want: int) -> tuple[list[str], tuple[float, str]]:
+        """Board up to ``want`` places: ``(their tickets, _)``, or ``([], (the wait, the
+        full window's name))``. A call that fails or is cancelled takes its places out
+        (in the background)."""
+        first = self._seq + 1
+        self._seq += want
+        try:
+            granted, wait, which = await self._store.run(
+                "throttle/quota_board",
+                self._keys(key),
+                [self._client, first, want, self._ttl, POLL, SPREAD, *self._args],
+                partial(self._boarding, want),
+            )
+        except BaseException:  # it may have boarded (a late reply): take it out
+            self._background(self._forget(key, first, want))
+            raise
+        if not granted:
+            return [], (max(wait, MIN_QUOTA_WAIT), f"quota {self._items[which]}")
+        return [f"{self._client}:{first + i}" for i in range(granted)], _BOARDED
+
+    def _boarding(self, want: int, reply: Any) -> tuple[int, float, int]:
+        """An integer ``k`` in ``[1, want]`` (boarded ``k`` places) -> ``(k, 0.0, 0)``;
+        else ``{seconds, window index}`` -> ``(0, seconds, index)``, a wait no longer than
+        the longest window."""
+        if isinstance(reply, int):
+            if not 1 <= reply <= want:
+                raise ValueError(reply)
+            return reply, 0.0, 0
+        which = int(reply[1]) - 1
+        if not 0 <= which < len(self._items):
+            raise ValueError(which)
+        return 0, seconds(reply[0], self._longest), which
+
+    def _ask_ahead(self, key: str, lease: Lease, want: int) -> None:
+        """Lease ``want`` more places of ``key`` in the background."""
+        lease.asking = True
+        self._background(self._renew(key, lease, want))
+
+    async def _renew(self, key: str, lease: Lease, want: int) -> None:
+        try:
+            tickets, _ = await self._board(key, want)
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "no places are leased ahead")
+            return
+        finally:
+            lease.asking = False
+        if tickets:
+            self._keep(key, lease, tickets, _clock.now())
+
+    def _keep(self, key: str, lease: Lease, tickets: list[str], now: float) -> None:
+        """Hold ``tickets`` as spares until ``now + LEASE`` (then they are handed back)."""
+        lease.spare += tickets
+        lease.until = now + LEASE
+        if lease.timer is None:
+            lease.timer = asyncio.get_running_loop().call_at(lease.until, self._expire, key)
+
+    def _expire(self, key: str) -> None:
+        """The lease timer: hand the spares back, unless a later lease extended them."""
+        lease = self._leases.get(key)
+        if lease is None:
+            return
+        lease.timer = None
+        loop = asyncio.get_running_loop()
+        if loop.time() < lease.until:
+            lease.timer = loop.call_at(lease.until, self._expire, key)
+        elif lease.spare:
+            self._hand_back(key, lease)
+
+    def _hand_back(self, key: str, lease: Lease) -> None:
+        returned = self._returned.get(key)
+        if returned is None:
+            self._returned[key] = lease.spare
+        else:
+            returned += lease.spare
+        lease.spare = []
+        if key not in self._flights:
+            self._send(key)
+
+    def _lease(self, key: str) -> Lease:
+        """``key``'s lease record (at most :data:`KEY_CACHE` idle ones are kept)."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._adopt()
+        lease = self._leases.get(key)
+        if lease is None:
+            leases = self._leases
+            if len(leases) >= KEY_CACHE:
+                for name in [name for name, held in leases.items() if held.idle()]:
+                    del leases[name]
+            lease = leases[key] = Lease(_clock.now())
+        return lease
+
+    # --- landings and hand-backs, in the background ---------------------------------
+
+    def _send(self, key: str) -> None:
+        self._flights[key] = self._background(self._fly(key))
+
+    async def _fly(self, key: str) -> None:
+        """Send ``key``'s landings and hand-backs (what came meanwhile goes next)."""
+        try:
+            while True:
+                landed = self._landed.pop(key, [])
+                returned = self._returned.pop(key, [])
+                if not landed and not returned:
+                    return
+                if len(landed) > MAX_BATCH:
+                    self._landed[key] = landed[MAX_BATCH:]
+                    landed = landed[:MAX_BATCH]
+                if len(returned) > MAX_BATCH:
+                    self._returned[key] = returned[MAX_BATCH:]
+                    returned = returned[:MAX_BATCH]
+                await self._land(key, landed, returned)
+        finally:
+            if self._flights.get(key) is asyncio.current_task():
+                del self._flights[key]
+
+    async def _land(self, key: str, landed: list[str], returned: list[str]) -> None:
+        try:
+            await self._store.run(
+                "throttle/quota_land",
+                self._keys(key),
+                [len(landed), *self._args, *landed, *returned],
+            )
+        except StorageError as exc:  # the tickets' lease frees Redis's count
+            self._store.warn(_KIND, exc, _clock.now(), "the slots are counted here only")
+            local = self._local
+            if local is not None:
+                now = _clock.now()
+                for _ in landed:
+                    local.record_at(key, now)
+
+    async def _forget(self, key: str, first: int, want: int) -> None:
+        names = self._keys(key)
+        tickets = [f"{self._client}:{first + i}" for i in range(want)]
+        try:
+            await self._store.run(
+                "throttle/quota_forget", [names[0], names[-1]], [self._ttl, *tickets]
+            )
+        except StorageError as exc:
+            self._store.warn(_KIND, exc, _clock.now(), "the tickets' lease frees them")
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _adopt(self) -> None:
+        """A call in another event loop than the last (a test's, a new ``asyncio.run``):
+        the timers and tasks belonged to the other loop. Spares and unsent landings are
+        still owed to Redis: they are sent from this loop."""
+        self._loop = asyncio.get_running_loop()
+        self._flights.clear()
+        self._tasks = set()
+        for key, lease in self._leases.items():
+            lease.timer = None
+            lease.asking = False
+            if lease.spare:
+                self._returned.setdefault(key, []).extend(lease.spare)
+                lease.spare = []
+        for key in {*self._landed, *self._returned}:
+            self._send(key)
 
     def _keys(self, key: str) -> list[str]:
         """``key``'s in-flight set, window lists and gone set, built once (see
@@ -102,80 +385,5 @@ class SharedQuotas(Quotas):
             ]
         return names
 
-    async def room(self, key: str, in_flight: int) -> tuple[float, str]:
-        """Board in Redis (counted in flight there) or the wait; see the module docstring."""
-        self._seq += 1
-        ticket = f"{self._client}:{self._seq}"
-        try:
-            wait, which = await self._store.run(
-                "throttle/quota_board",
-                self._keys(key),
-                [ticket, self._lease, POLL, *self._args],
-                self._boarding,
-            )
-        except StorageError as exc:  # it may have boarded (a late reply): take it out
-            self._background(self._forget(key, ticket))
-            if self._on_error == "raise":
-                raise
-            self._store.warn("throttle", exc, _clock.now())
-            return await super().room(key, in_flight)
-        except asyncio.CancelledError:  # the ticket may be in Redis: take it out
-            self._background(self._forget(key, ticket))
-            raise
-        if not wait:
-            self._tickets.setdefault(key, deque()).append(ticket)
-            return 0.0, ""
-        return max(wait, MIN_QUOTA_WAIT), f"quota {self._items[which]}"
-
-    def _boarding(self, reply: Any) -> tuple[float, int]:
-        """``0`` (boarded: a bare integer, the cheapest reply) -> ``(0.0, 0)``; else
-        ``(seconds, window index)``, a wait no longer than the longest window."""
-        if reply == 0:
-            return 0.0, 0
-        which = int(reply[1]) - 1
-        if not 0 <= which < len(self._items):
-            raise ValueError(which)
-        return seconds(reply[0], self._longest), which
-
-    async def record(self, key: str) -> None:
-        """Land in the background: the caller does not wait for the round trip."""
-        tickets = self._tickets.get(key)
-        ticket = tickets.popleft() if tickets else ""  # "": boarded on the local fallback
-        if tickets is not None and not tickets:
-            del self._tickets[key]
-        self._background(self._land(key, ticket))
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._landing.add(task)
-        task.add_done_callback(self._landing.discard)
-
-    async def _forget(self, key: str, ticket: str) -> None:
-        try:
-            names = self._keys(key)
-            await self._store.run(
-                "throttle/quota_forget", [names[0], names[-1]], [ticket, self._lease]
-            )
-        except StorageError as exc:
-            self._store.warn("throttle", exc, _clock.now(), "the ticket's lease frees it")
-
-    async def _land(self, key: str, ticket: str) -> None:
-        try:
-            await self._store.run(
-                "throttle/quota_land", self._keys(key), [ticket, self._lease, POLL, *self._args]
-            )
-        except StorageError as exc:  # the lease frees Redis's count; count here at least
-            self._store.warn("throttle", exc, _clock.now(), "the slot is counted here only")
-            await super().record(key)
-
-    async def drain(self) -> None:
-        """Wait until every landing in the background has reached Redis (for tests, shutdown)."""
-        while self._landing:
-            await asyncio.gather(*self._landing, return_exceptions=True)
-
-    @property
-    def items(self) -> tuple[RateLimitItem, ...]:
-        return self._items
-
     def __repr__(self) -> str:
-        return f"SharedQuotas({self.text!r}, storage={self._store.name!r})"
+        return f"RedisQuotas({self.text!r}, storage={self._store.name!r})"

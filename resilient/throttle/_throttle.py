@@ -14,7 +14,9 @@ the key's requests still in flight, and takes its slot when its attempt ends, so
 window of server arrivals is never exceeded (see :mod:`resilient.throttle._quota`). Else it
 stays at the head of the queue until the windows' reset time, or until an
 in-flight request of the key ends (then it looks again). In memory the windows are
-read and written synchronously (no await); shared ones through Redis are awaited.
+read and written synchronously (no await); shared ones through Redis are awaited only
+when this process holds no leased place for the key (see :mod:`resilient.throttle._store`
+and :mod:`resilient.throttle._redis`).
 
 A wait that would end past what the caller may wait (:func:`resilient.deadline`,
 aiohttp's ``ClientTimeout.total``) is not started: :class:`~resilient.DeadlineExceeded`.
@@ -24,6 +26,11 @@ climb back), capped by ``rate`` and floored by ``min_rate``. In a :func:`resilie
 with a :class:`~resilient.RateLimitBackoff` keyed alike, the key has one estimate: the
 backoff learns and paces, capped by this ``rate``, and :meth:`Throttle.current_rate`
 reads it.
+
+In a :func:`resilient.chain`, ``before`` takes the token (and the quota place, from
+memory or from a leased ticket) when it is there now, with no waiter ahead, and ``after``
+does what ``__call__`` does once the attempt has ended (the adaptive rate's update, the
+quota landing); anything else (a wait, a round trip) runs ``__call__`` whole.
 """
 
 from __future__ import annotations
@@ -32,16 +39,17 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from .. import _clock
 from .._deadline import allowance, mark_start
-from .._errors import DeadlineExceeded
+from .._errors import DeadlineExceeded, StorageError
 from .._keys import KeyFunc, by_host
-from .._policy import Policy
+from .._policy import SLOW, Outcome, Policy
 from .._state import DEFAULT_MAX_KEYS, KeyedState
+from .._validate import integer, number, reject
 from ..observe import _events, _metrics
 from ..observe._log import log_wait
 from ..observe._stats import ThrottleStats
@@ -49,6 +57,7 @@ from ..ratelimit._learned import LearnedRate
 from ..storage import OnStorageError, check, check_on_storage_error, is_shared, redact
 from ._bucket import TokenBucket
 from ._quota import MEMORY_STORAGE, Quotas
+from ._store import Boarding, QuotaStore
 
 __all__ = ["DEFAULT_BURST", "DEFAULT_MIN_RATE_DIVISOR", "DEFAULT_STORAGE", "MAX_RATE", "Throttle"]
 
@@ -62,6 +71,7 @@ DEFAULT_MIN_RATE_DIVISOR = 20
 """Default floor of the adaptive rate: the configured rate / 20."""
 
 _KIND = "throttle"
+_OWNER = "Throttle"
 THROTTLED_EVENT_MIN = 0.001
 """Seconds: a wait at least this long emits a ``throttled`` event (shorter: a DEBUG line)."""
 
@@ -100,19 +110,6 @@ def _leave(state: _Key, fut: asyncio.Future[None]) -> None:
         waiters.remove(fut)
 
 
-def _number(name: str, value: object, low: float, high: float) -> float:
-    """``value`` as a float in ``(low, high]``, else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-        raise ValueError(f"Throttle: {name} must be a number in ({low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Throttle: {name} must be an int >= 1, got {value!r}")
-    return value
-
-
 class Throttle(Policy):
     """A token bucket per key (see the module docstring).
 
@@ -133,10 +130,10 @@ class Throttle(Policy):
     __slots__ = (
         "_adaptive",
         "_burst",
+        "_fallback",
         "_follows",
         "_get",
         "_key",
-        "_local",
         "_min_rate",
         "_quotas",
         "_rate",
@@ -157,28 +154,29 @@ class Throttle(Policy):
         min_rate: float | None = None,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._rate = _number("rate", rate, 0.0, MAX_RATE)
-        self._burst = _count("burst", burst)
+        self._rate = number(_OWNER, "rate", rate, 0.0, MAX_RATE, low_open=True)
+        self._burst = integer(_OWNER, "burst", burst)
         floor = self._rate / DEFAULT_MIN_RATE_DIVISOR if min_rate is None else min_rate
-        self._min_rate = _number("min_rate", floor, 0.0, self._rate)
+        self._min_rate = number(_OWNER, "min_rate", floor, 0.0, self._rate, low_open=True)
         if not isinstance(adaptive, bool):
-            raise ValueError(f"Throttle: adaptive must be True or False, got {adaptive!r}")
+            raise reject(_OWNER, "adaptive", "True or False", adaptive)
         self._adaptive = adaptive
         self._follows: Callable[[str], float | None] | None = None
         if not callable(key):
-            raise ValueError(
-                f"Throttle: key must be a callable (request) -> str, got {type(key).__name__}"
-            )
+            raise reject(_OWNER, "key", "a callable (request) -> str", key)
         self._key = key
-        self._storage = check("Throttle", storage)
-        on_error = check_on_storage_error("Throttle", on_storage_error)
-        self._quotas = None if quotas is None else _quotas(quotas, self._storage, on_error)
-        # in memory: the synchronous fast path (a SharedQuotas is awaited)
-        self._local = self._quotas if type(self._quotas) is Quotas else None
+        self._storage = check(_OWNER, storage)
+        on_error = check_on_storage_error(_OWNER, on_storage_error)
+        self._quotas: QuotaStore | None = None
+        """Where the quota windows live (None: no quotas)."""
+        self._fallback: Quotas | None = None
+        """The windows that decide while Redis fails (``on_storage_error="allow"``)."""
+        if quotas is not None:
+            self._quotas, self._fallback = _stores(quotas, self._storage, on_error)
         self._states: KeyedState[_Key] = KeyedState(
             lambda _key: _Key(self._rate, self._burst, _clock.now()),
             self._idle,
-            _count("max_keys", max_keys),
+            integer(_OWNER, "max_keys", max_keys),
         )
         self._get = self._states.get
 
@@ -248,22 +246,24 @@ class Throttle(Policy):
         mark_start(request, now)  # the call's start, unless an outer policy marked it
         if state.learned is not None:
             state.steer(now, self._min_rate)
-        quotas = self._quotas
+        quotas = store = self._quotas
+        ticket = ""
         if state.waiters or state.take(now):
-            await self._wait(request, key, state, now)
+            store, ticket = await self._wait(request, key, state, now)
         elif quotas is not None:
-            local = self._local
-            if local is not None:
-                if local.room_at(key, state.flying, now)[0]:
-                    state.give_back()  # the head of the queue takes it when the window has room
-                    await self._wait(request, key, state, now)
-                else:
-                    state.flying += 1
-            elif not await _first_slot(quotas, key, state):
-                await self._wait(request, key, state, now)
-        # With quotas the request is now counted in flight: when the attempt ends (whatever
-        # the outcome: it may have reached the server), it takes its slot in every window,
-        # then lets the head of the queue look again.
+            boarded = quotas.board(key, state.flying, now)
+            if boarded is None:  # the store must ask its backend (we hold the token)
+                store, boarded = await self._first_ask(quotas, key, state)
+            if boarded[0]:
+                state.give_back()  # the head of the queue takes it when the window has room
+                store, ticket = await self._wait(request, key, state, now)
+            else:
+                state.flying += 1
+                ticket = boarded[1]
+        # With quotas the request is now counted in flight, boarded in ``store`` under
+        # ``ticket``: when the attempt ends (whatever the outcome: it may have reached the
+        # server), it lands (takes its slot in every window), then lets the head of the
+        # queue look again.
         try:
             if not self._adaptive or self._follows is not None:
                 return await handler(request)
@@ -273,15 +273,91 @@ class Throttle(Policy):
             self._adapt(state, learned, cuts, resp.status)
             return resp
         finally:
-            if quotas is not None:
-                local = self._local
+            if store is not None:
                 try:
-                    if local is not None:
-                        local.record_at(key, _clock.now_for(request))
-                    else:
-                        await quotas.record(key)
+                    store.land(key, ticket, _clock.now_for(request))
                 finally:
                     _land(state)
+
+    # --- the pipeline's fast path ---------------------------------------------------
+
+    def before(self, request: ClientRequest) -> Any:
+        """The token and the quota place when both are there now (no waiter ahead, no
+        round trip), else :data:`~resilient._policy.SLOW` with nothing taken. The ticket:
+        None (nothing to do after the attempt), or ``(key, state, quota ticket, learned
+        rate or None, its cuts)``."""
+        if _metrics.recorder is not None:
+            return SLOW
+        key = self._key(request)
+        state = self._get(key) or self._states.get_or_create(key)
+        now = _clock.now_for(request)
+        if state.learned is not None:
+            state.steer(now, self._min_rate)
+        if state.waiters or state.take(now):
+            return SLOW
+        quotas = self._quotas
+        ticket = ""
+        if quotas is not None:
+            boarded = quotas.board(key, state.flying, now)
+            if boarded is None or boarded[0]:
+                state.give_back()
+                return SLOW
+            state.flying += 1
+            ticket = boarded[1]
+        if self._adaptive and self._follows is None:
+            learned = state.learned or self._learn(state)
+            return key, state, ticket, learned, learned.cuts
+        if quotas is None:
+            return None
+        return key, state, ticket, None, 0
+
+    def after(self, ticket: Any, request: ClientRequest, outcome: Outcome) -> bool:
+        """What ``__call__`` does once its attempt has ended: the adaptive rate learns
+        from a response, the request lands. The outcome always stands (``True``)."""
+        if ticket is None:
+            return True
+        key, state, boarded, learned, cuts = ticket
+        if learned is not None and isinstance(outcome, ClientResponse):
+            self._adapt(state, learned, cuts, outcome.status)
+        quotas = self._quotas
+        if quotas is not None:
+            try:
+                quotas.land(key, boarded, _clock.now_for(request))
+            finally:
+                _land(state)
+        return True
+
+    # --- the slow path --------------------------------------------------------------
+
+    async def _first_ask(
+        self, quotas: QuotaStore, key: str, state: _Key
+    ) -> tuple[QuotaStore, Boarding]:
+        """:meth:`_ask` on the no-wait path, holding a token: it goes back on failure."""
+        try:
+            return await self._ask(quotas, key, state)
+        except BaseException:
+            state.give_back()
+            raise
+
+    async def _ask(self, quotas: QuotaStore, key: str, state: _Key) -> tuple[QuotaStore, Boarding]:
+        """The backend's answer and the store it boarded in; when the backend fails,
+        ``StorageError``, or with ``on_storage_error="allow"`` a warning and this
+        process's own windows' answer.
+
+        The request counts in flight while it asks, so callers asking at the same time
+        count each other (in this process's windows): fewer sends, never more.
+        """
+        state.flying += 1
+        try:
+            return quotas, await quotas.ask(key, state.flying - 1)
+        except StorageError as exc:
+            fallback = self._fallback
+            if fallback is None:
+                raise
+            quotas.warn(exc)
+            return fallback, fallback.board(key, state.flying - 1, _clock.now())
+        finally:
+            state.flying -= 1
 
     def _learn(self, state: _Key) -> LearnedRate:
         """The key's learned rate, measuring from its first request on (so its first 429
@@ -299,8 +375,11 @@ class Throttle(Policy):
             learned.cut(now)
         state.steer(now, self._min_rate)
 
-    async def _wait(self, request: ClientRequest, key: str, state: _Key, started: float) -> None:
-        """The slow path: queue behind the waiters of ``key`` and leave with a token.
+    async def _wait(
+        self, request: ClientRequest, key: str, state: _Key, started: float
+    ) -> tuple[QuotaStore | None, str]:
+        """The slow path: queue behind the waiters of ``key`` and leave with a token (and,
+        with quotas, boarded: the store and the ticket).
 
         The wait is estimated at the current rate: one token for each waiter ahead
         and one for us, ``(ahead + 1 − tokens) / rate``.
@@ -316,12 +395,15 @@ class Throttle(Policy):
             with _metrics.waiting(_KIND, key):
                 if state.waiters[0] is not fut:
                     await _turn(fut, key, allowed)
-                await self._head(request, key, state, started)
+                return await self._head(request, key, state, started)
         finally:
             _leave(state, fut)
 
-    async def _head(self, request: ClientRequest, key: str, state: _Key, started: float) -> None:
-        """At the head of the queue: sleep until the token (and a slot in every quota) is due.
+    async def _head(
+        self, request: ClientRequest, key: str, state: _Key, started: float
+    ) -> tuple[QuotaStore | None, str]:
+        """At the head of the queue: sleep until the token (and a place in every quota) is
+        due; then take it (and board: the store and the ticket).
 
         Only the head takes tokens while there are waiters, so a token it saw stays there.
         """
@@ -335,15 +417,16 @@ class Throttle(Policy):
                 continue
             if quotas is None:
                 state.take(now)
-                return
-            local = self._local
-            if local is not None:
-                delay, reason = _board_at(local, key, state, now)
-            else:
-                delay, reason = await _board(quotas, key, state)
+                return None, ""
+            store: QuotaStore = quotas
+            boarded = quotas.board(key, state.flying, now)
+            if boarded is None:
+                store, boarded = await self._ask(quotas, key, state)
+            delay, reason = boarded
             if not delay:
+                state.flying += 1
                 state.take(_clock.now())
-                return
+                return store, reason
             _allowed(request, started, key, delay, reason)
             _throttled(request, key, delay, reason)
             await _sleep_or_landing(state, delay)
@@ -371,52 +454,16 @@ def _snapshot(key: str, state: _Key, now: float) -> ThrottleStats:
     )
 
 
-def _quotas(text: str, storage: str, on_error: OnStorageError) -> Quotas:
-    """The quota windows: in this process, or shared through Redis."""
+def _stores(text: str, storage: str, on_error: OnStorageError) -> tuple[QuotaStore, Quotas | None]:
+    """The quota store (this process's windows, or Redis's) and the windows that decide
+    while Redis fails (``on_storage_error="allow"``)."""
     if not is_shared(storage):
-        return Quotas(text)
+        return Quotas(text), None
     from ..storage._redis import RedisStore
-    from ._redis import SharedQuotas
+    from ._redis import RedisQuotas
 
-    return SharedQuotas(text, RedisStore(storage), on_error)
-
-
-async def _board(quotas: Quotas, key: str, state: _Key) -> tuple[float, str]:
-    """Count one more request of ``key`` in flight if every window has room: ``(0.0, "")``;
-    else count nothing and return the wait and the full window (:meth:`Quotas.room`).
-
-    The request is counted before the windows are read, so callers reading them at the
-    same time (a storage that yields) count each other: fewer sends, never more.
-    """
-    state.flying += 1
-    try:
-        wait = await quotas.room(key, state.flying - 1)
-    except BaseException:
-        state.flying -= 1
-        raise
-    if wait[0]:
-        state.flying -= 1
-    return wait
-
-
-def _board_at(quotas: Quotas, key: str, state: _Key, now: float) -> tuple[float, str]:
-    """:func:`_board` on windows in memory, at ``now`` (nothing yields in between)."""
-    wait = quotas.room_at(key, state.flying, now)
-    if not wait[0]:
-        state.flying += 1
-    return wait
-
-
-async def _first_slot(quotas: Quotas, key: str, state: _Key) -> bool:
-    """The no-wait path with quotas, holding a token: room in every window, or the token back."""
-    try:
-        if not (await _board(quotas, key, state))[0]:
-            return True
-    except BaseException:
-        state.give_back()
-        raise
-    state.give_back()
-    return False
+    fallback = Quotas(text) if on_error == "allow" else None
+    return RedisQuotas(text, RedisStore(storage), fallback), fallback
 
 
 def _land(state: _Key) -> None:

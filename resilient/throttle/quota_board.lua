@@ -1,44 +1,72 @@
--- Board one request of a key if every quota window has room (atomic, on Redis's clock).
--- KEYS[1] flying: sorted set of tickets of requests in flight, scored by lease end
+-- Board up to `want` requests of a key at once (a lease), if every quota window has
+-- room (atomic, on Redis's clock).
+-- KEYS[1] flying: sorted set of tickets of requests in flight (boarded, not landed:
+--   leased places too), scored by when their lease in Redis ends
 -- KEYS[2..n-1] one moving-window list per quota (limits' layout: newest timestamp first)
 -- KEYS[n] gone: sorted set of tickets taken out before their boarding arrived (see
 --   quota_forget.lua), scored by when they may be dropped
--- ARGV: ticket, lease (s), poll (s), then amount and expiry (s) of each window.
--- Room in a window: used + flying < amount, i.e. the (amount - flying)-th newest slot
--- is missing or older than the window. Returns 0 after counting the ticket in flight
--- (an integer: the usual reply, the cheapest to parse), else {seconds until the last
--- full window can have room, its 1-based index}. A ticket found gone boards nothing
--- (its caller gave up on it: its command was overtaken by its removal).
+-- ARGV: client, first, want, ttl (s), poll (s), spread, then amount and expiry (s) of
+--   each window. The places are named client:first, client:first+1, ...
+-- Room in a window: room = amount - used - flying. Grants the largest k of want,
+-- want/2, want/4, ... (k >= 2) with room >= spread * k in every window, else 1 if
+-- room >= 1 in every window (one request boards alone), and returns k after counting
+-- its k tickets in flight; else {seconds until the last full window can have room,
+-- its 1-based index}. room >= m in a window <=> its (amount - flying - m)-th newest slot
+-- (0-based) is missing or has left the window. A first ticket found gone boards
+-- nothing (its caller gave up on it: its command was overtaken by its removal).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local ticket, lease, poll = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local client, first, want = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl, poll, spread = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local last = #KEYS - 1  -- the last window
 
-if redis.call('ZREM', KEYS[#KEYS], ticket) == 1 then return 0 end
+if redis.call('ZREM', KEYS[#KEYS], client .. ':' .. first) == 1 then return 0 end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)  -- leases of lost landings
 local flying = redis.call('ZCARD', KEYS[1])
 
-local wait, which = 0, 0
-for w = 2, last do
-  local amount, expiry = tonumber(ARGV[2 * w]), tonumber(ARGV[2 * w + 1])
-  local free, untl = amount - flying, 0
-  if free <= 0 then
-    untl = math.min(expiry, poll)  -- full of requests in flight: look again soon
-  else
-    local slot = redis.call('LINDEX', KEYS[w], free - 1)
-    if slot and tonumber(slot) > now - expiry then
-      untl = tonumber(slot) + expiry - now
+local function fits(m)  -- room >= m in every window
+  for w = 2, last do
+    local i = tonumber(ARGV[2 * w + 3]) - flying - m
+    if i < 0 then return false end
+    local slot = redis.call('LINDEX', KEYS[w], i)
+    if slot and tonumber(slot) > now - tonumber(ARGV[2 * w + 4]) then return false end
+  end
+  return true
+end
+
+local granted, k = 0, want
+while k >= 2 and granted == 0 do
+  if fits(spread * k) then granted = k end
+  k = math.floor(k / 2)
+end
+if granted == 0 and fits(1) then granted = 1 end
+
+if granted == 0 then
+  local wait, which = 0, 0
+  for w = 2, last do
+    local amount, expiry = tonumber(ARGV[2 * w + 3]), tonumber(ARGV[2 * w + 4])
+    local free, untl = amount - flying, 0
+    if free <= 0 then
+      untl = math.min(expiry, poll)  -- full of requests in flight: look again soon
+    else
+      local slot = redis.call('LINDEX', KEYS[w], free - 1)
+      if slot and tonumber(slot) > now - expiry then
+        untl = tonumber(slot) + expiry - now
+      end
+    end
+    if untl > wait then
+      wait, which = untl, w - 1
     end
   end
-  if untl > wait then
-    wait, which = untl, w - 1
-  end
-end
-if wait > 0 then
   return {tostring(wait), which}
 end
 
-redis.call('ZADD', KEYS[1], now + lease, ticket)
-redis.call('EXPIRE', KEYS[1], math.ceil(lease))
-return 0
+local places = {}
+for i = 0, granted - 1 do
+  places[2 * i + 1] = now + ttl
+  places[2 * i + 2] = client .. ':' .. (first + i)
+end
+redis.call('ZADD', KEYS[1], unpack(places))
+redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+return granted
