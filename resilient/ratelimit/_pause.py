@@ -154,6 +154,20 @@ class PauseGate:
                 rate = self.spread
         return rate
 
+    def slot_free(self, now: float) -> bool:
+        """Whether a caller may leave at ``now`` without waiting: nobody queued for a
+        departure, the next slot due, and no advertised reset due (whose probe goes first,
+        see :meth:`rate`)."""
+        return (
+            not self._departures
+            and self.next_slot <= now + DUE_SLACK
+            and (not self.spread_until or now < self.spread_until)
+        )
+
+    def leave(self, now: float) -> None:
+        """A caller leaves at ``now`` (its slot was due): the next slot is ``1/r(now)`` later."""
+        self.next_slot = now + 1.0 / self.rate(now)
+
     async def depart(self, latest: float) -> None:
         """Wait for this caller's departure at the key's rate, first come first served.
 
@@ -165,7 +179,7 @@ class PauseGate:
         now = loop.time()
         queue = self._departures
         if not queue and self.next_slot <= now + DUE_SLACK:
-            self.next_slot = now + 1.0 / self.rate(now)
+            self.leave(now)
             return
         if queue is None:
             queue = self._departures = deque()
@@ -185,7 +199,7 @@ class PauseGate:
                     if latest - now < _EPSILON:
                         raise PauseTooLong(max(0.0, self.next_slot - now))
                     await waiter.wait(latest - now)
-            self.next_slot = now + 1.0 / self.rate(now)
+            self.leave(now)
         finally:
             head = queue[0] is waiter
             queue.remove(waiter)

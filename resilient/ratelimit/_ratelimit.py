@@ -18,6 +18,13 @@ A caller waits at most ``max_wait`` seconds for 429s over its call, and never pa
 :func:`resilient.deadline` or aiohttp's ``ClientTimeout.total``: when the pause ends
 later, it gets the 429 back at once (readable), or :class:`~resilient.RateLimited` if it
 has no response (it never sent, or its 429 was already released before the pause grew).
+
+The call is written once against a :class:`~resilient.ratelimit._store.PauseStore` (this
+process's memory, or Redis). In a :func:`resilient.chain` a request of a key that may
+leave at once (not paused, no probe pending, not paced or its slot due now; with Redis,
+known healthy) takes the pipeline's fast path: ``before`` / ``after`` do what
+``__call__`` does around its first attempt, and a 429 hands the call to ``resume``,
+which goes on as ``__call__`` would (:meth:`RateLimitBackoff._backoff`).
 """
 
 from __future__ import annotations
@@ -25,28 +32,29 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
 from .. import _clock
 from .._deadline import allowance, mark_start
-from .._errors import RateLimited
 from .._headers import advertises, parse_advertised, retry_hint
 from .._keys import KeyFunc, by_host
 from .._outcomes import body_replayable
-from .._policy import Policy
-from .._state import DEFAULT_MAX_KEYS, KeyedState
+from .._policy import SLOW, Outcome, Policy
+from .._state import DEFAULT_MAX_KEYS
+from .._validate import integer, number, reject
 from ..observe import _events, _metrics
 from ..observe._log import logger
 from ..observe._stats import PauseStats
 from ..retry._backoff import capped_doubling
 from ..storage import OnStorageError, check, check_on_storage_error, is_shared, redact
-from ._learned import SLOW_START_MIN
-from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate, PauseTooLong
-from ._redis import PROBE_POLL, Admission, SharedPause
+from ._learned import LearnedRate
+from ._pause import MAX_PAUSE, PauseGate
+from ._store import KIND, MemoryPause, PauseStore, waiting
+
+if TYPE_CHECKING:
+    from ._redis import SharedPause
 
 __all__ = [
     "DEFAULT_BASE",
@@ -71,7 +79,7 @@ SPREAD_BELOW = 10
 """An advertised limit with at most this many requests left (or a tenth of the limit,
 if larger) spreads them over the time to its reset; with more left, callers go freely."""
 
-_KIND = "rate_limit_backoff"
+_NAME = "RateLimitBackoff"
 _GIVES_UP = " (the pause ends beyond what this caller may wait: its 429 is returned)"
 
 
@@ -91,21 +99,32 @@ def backoff_delay(server: float | None, strikes: int, *, base: float, cap: float
     return max(server, capped_doubling(base, cap, strikes - 2))
 
 
-def _number(name: str, value: object, low: float, high: float, *, low_open: bool) -> float:
-    """``value`` as float if it lies in the range, else ValueError naming ``name``."""
-    inside = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and (low < value if low_open else low <= value)
-        and value <= high
-    )
-    if not inside:
-        bracket = "(" if low_open else "["
-        raise ValueError(
-            f"RateLimitBackoff: {name} must be a number in {bracket}{low:g}, {high:g}],"
-            f" got {value!r}"
-        )
-    return float(value)  # type: ignore[arg-type]
+class _Sent:
+    """A request of a key with a gate on the wire: what its answer is judged by (the
+    key's ``cuts`` and ``learned`` rate when it left); counted in the gate's ``flying``."""
+
+    __slots__ = ("cuts", "gate", "key", "learned")
+
+    def __init__(self, key: str, gate: PauseGate, cuts: int, learned: LearnedRate | None):
+        self.key = key
+        self.gate = gate
+        self.cuts = cuts
+        self.learned = learned
+
+
+class _Caller:
+    """One caller on the slow path: what its rounds carry over (``strikes``: its 429s;
+    ``waited``: seconds it waited; ``probe``: it holds the key's probe)."""
+
+    __slots__ = ("key", "probe", "request", "started", "strikes", "waited")
+
+    def __init__(self, request: ClientRequest, key: str, started: float) -> None:
+        self.request = request
+        self.key = key
+        self.started = started
+        self.strikes = 0
+        self.waited = 0.0
+        self.probe = False
 
 
 class RateLimitBackoff(Policy):
@@ -121,7 +140,7 @@ class RateLimitBackoff(Policy):
     ``max_keys``: keys remembered at once (idle keys are evicted).
     """
 
-    kind: ClassVar[str] = _KIND
+    kind: ClassVar[str] = KIND
     order: ClassVar[int] = 30
 
     __slots__ = (
@@ -134,6 +153,7 @@ class RateLimitBackoff(Policy):
         "_proactive",
         "_shared",
         "_storage",
+        "_store",
     )
 
     def __init__(
@@ -148,29 +168,29 @@ class RateLimitBackoff(Policy):
         proactive: bool = True,
         max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
-        self._max_wait = _number("max_wait", max_wait, 0.0, MAX_WAIT_LIMIT, low_open=True)
-        self._base = _number("base", base, 0.0, MAX_WAIT_LIMIT, low_open=True)
-        self._cap = _number("cap", cap, self._base, MAX_WAIT_LIMIT, low_open=False)
+        self._max_wait = number(_NAME, "max_wait", max_wait, 0.0, MAX_WAIT_LIMIT, low_open=True)
+        self._base = number(_NAME, "base", base, 0.0, MAX_WAIT_LIMIT, low_open=True)
+        self._cap = number(_NAME, "cap", cap, self._base, MAX_WAIT_LIMIT)
         if not callable(key):
-            raise ValueError(
-                f"RateLimitBackoff: key must be a callable (request) -> str,"
-                f" got {type(key).__name__}"
-            )
+            raise reject(_NAME, "key", "a callable (request) -> str", key)
         if not isinstance(proactive, bool):
-            raise ValueError(
-                f"RateLimitBackoff: proactive must be True or False, got {proactive!r}"
-            )
+            raise reject(_NAME, "proactive", "True or False", proactive)
         self._proactive = proactive
-        self._storage = check("RateLimitBackoff", storage)
-        on_error = check_on_storage_error("RateLimitBackoff", on_storage_error)
-        self._shared = _shared(self._storage, on_error)
-        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
-            raise ValueError(f"RateLimitBackoff: max_keys must be an int >= 1, got {max_keys!r}")
+        self._storage = check(_NAME, storage)
+        on_error = check_on_storage_error(_NAME, on_storage_error)
+        max_keys = integer(_NAME, "max_keys", max_keys, 1)
         self._key = key
         self._ceiling = math.inf
-        self._gates: KeyedState[PauseGate] = KeyedState(
-            lambda _key: PauseGate(), PauseGate.is_idle, max_keys
-        )
+        self._shared: SharedPause | None = None
+        """The Redis half of a shared store (None in memory)."""
+        self._store: PauseStore = MemoryPause(max_keys)
+        if is_shared(self._storage):
+            from ..storage._redis import RedisStore
+            from ._redis import RedisPause, SharedPause
+
+            self._shared = SharedPause(RedisStore(self._storage), on_error)
+            self._store = RedisPause(self._shared, max_keys)
+        self._gates = self._store.gates
 
     @property
     def max_wait(self) -> float:
@@ -218,109 +238,215 @@ class RateLimitBackoff(Policy):
             f" storage={redact(self._storage)!r}, proactive={self._proactive!r})"
         )
 
+    # --- the call ------------------------------------------------------------------------
+
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         key = self._key(request)
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
+        started = _started(request)
         gate = self._gates.get(key)
-        # The call's start bounds waits by aiohttp's total timeout; without one it is unused.
-        total = request.session.timeout.total
-        started = mark_start(request, _clock.now_for(request)) if total else 0.0
-        departed = False
-        if self._shared is not None and (gate is None or not gate.closed):
-            gate, departed = await self._admit(request, key, gate, started)
-        if gate is not None and (gate.closed or (gate.paced and not departed)):
-            return await self._backoff(request, handler, key, started, None, 0)
-        if gate is None:
+        store = self._store
+        if not store.ready(key, gate, request):
+            bound = self._departure_bound(request, started, _clock.now())
+            gate, departed = await store.enter(key, gate, self._ceiling, bound)
+            if gate is not None and (gate.closed or (gate.paced and not departed)):
+                return await self._backoff(request, handler, key, started, None, 0)
+        if gate is None:  # the common case: a key never paused nor paced
             resp, cuts = await handler(request), 0
             if resp.status != 429:
                 self._heed(key, resp)
-        else:  # the key has a gate: count the request in flight (see _send)
+        else:
             resp, cuts = await self._send(request, handler, key, gate, False)
         if resp.status == 429:
             return await self._backoff(request, handler, key, started, resp, cuts)
         return resp
 
-    async def _admit(
-        self, request: ClientRequest, key: str, gate: PauseGate | None, started: float
-    ) -> tuple[PauseGate | None, bool]:
-        """One round trip to Redis before a request of ``key`` (not paused here): close
-        the local gate if another process paused the key; if the key is paced there, wait
-        for the departure slot Redis gave us (True: departed; RateLimited if it lies
-        beyond what the caller may wait, nothing sent)."""
-        assert self._shared is not None
+    # --- the pipeline's fast path (resilient._policy) ------------------------------------
+
+    def before(self, request: ClientRequest) -> Any:
+        """The key's ticket when a request may leave now (see ``PauseStore.ready``): the key
+        itself for a key without a gate, else its :class:`_Sent`; SLOW otherwise (and
+        while metrics are recorded: ``__call__`` counts the call)."""
+        if _metrics.recorder is not None:
+            return SLOW
+        key = self._key(request)
+        gate = self._gates.get(key)
+        if not self._store.ready(key, gate, request):
+            return SLOW
+        if gate is None:
+            return key
+        return self._leaving(key, gate)
+
+    def after(self, ticket: Any, request: ClientRequest, outcome: Outcome) -> bool:
+        """What ``__call__`` does with its first answer: a 429 goes on in :meth:`resume`;
+        an exception passes (the request is no longer in flight); any other answer is
+        learned from (``_answered``, or the advertised limits of a key without a gate)."""
+        if type(ticket) is not _Sent:
+            if isinstance(outcome, BaseException):
+                return True
+            if outcome.status == 429:
+                return False
+            self._heed(ticket, outcome)
+            return True
+        ticket.gate.flying -= 1
+        if isinstance(outcome, BaseException):
+            return True
+        if outcome.status == 429:
+            return False
+        self._answered(ticket, outcome, False)
+        return True
+
+    async def resume(
+        self, ticket: Any, request: ClientRequest, rest: ClientHandlerType, outcome: Outcome
+    ) -> ClientResponse:
+        """The first answer was a 429: the slow path, as ``__call__`` goes on with it."""
+        assert isinstance(outcome, ClientResponse)
+        key, cuts = (ticket.key, ticket.cuts) if type(ticket) is _Sent else (ticket, 0)
+        return await self._backoff(request, rest, key, _started(request), outcome, cuts)
+
+    # --- the slow path: named steps ------------------------------------------------------
+
+    async def _backoff(
+        self,
+        request: ClientRequest,
+        handler: ClientHandlerType,
+        key: str,
+        started: float,
+        resp: ClientResponse | None,
+        cuts: int,
+    ) -> ClientResponse:
+        """The slow path: ``resp`` is a 429 (to a request sent after ``cuts`` cuts), or
+        None when the key was found paused or paced. Each round: a 429 pauses the key
+        (:meth:`_pause`; or the caller gives up and gets it back), the caller waits its
+        turn in the key's queue (:meth:`_wait_turn`; the first of it probes), takes its
+        paced departure slot (:meth:`_depart`), and sends (:meth:`_send`, which learns
+        from the answer); a 429 starts the next round."""
+        caller = _Caller(request, key, started)
+        while True:
+            gate = self._gates.get_or_create(key)  # not evicted while we wait or probe
+            began = _clock.now()
+            hard = began + allowance(request, started)
+            latest = min(began + self._max_wait - caller.waited, hard)
+            if resp is not None:  # a 429: pause the key, then give up or wait our turn
+                if await self._pause(caller, gate, resp, cuts, latest):
+                    return resp
+                resp.release()
+            elif gate.closed and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s: %s is paused for %.3fs", KIND, key, gate.remaining())
+            front = resp is not None  # our own 429: we probe first
+            if gate.closed and not await self._wait_turn(caller, gate, began, latest, hard, front):
+                resp = None  # another process probes, or the pause grew: wait again
+                continue
+            if not caller.probe and gate.paced and not await self._depart(caller, gate):
+                resp = None  # a 429 paused the key while we waited for our slot
+                continue
+            resp, cuts = await self._send(request, handler, key, gate, caller.probe)
+            if resp.status != 429:
+                return resp
+
+    async def _pause(
+        self, caller: _Caller, gate: PauseGate, resp: ClientResponse, cuts: int, latest: float
+    ) -> bool:
+        """Learn from the 429 (sent after ``cuts`` cuts), and close the key's gate for its
+        retry time, floored by the key's streak (every process's, with Redis). True: the
+        caller gives up (the pause ends past ``latest``, or its body cannot be sent again)
+        and gets this 429 back."""
+        caller.strikes += 1
+        key, store = caller.key, self._store
+        store.learn(key, gate, cuts, self._ceiling)
         now = _clock.now()
-        bound = self._departure_bound(request, started, now)
-        admission = await self._shared.admit(key, self._ceiling, bound - now)
-        if admission.verdict == "open":
-            if gate is not None:
-                gate.shared_rate = 0.0
-            return gate, False
-        gate = self._gates.get_or_create(key)
-        if admission.verdict == "paused":
-            gate.pause(admission.seconds, probe=False)
-            return gate, False
-        await self._leave(key, gate, admission)
-        return gate, True
-
-    async def _shared_departure(self, key: str, gate: PauseGate, bound: float) -> None:
-        """A paced departure after a pause, its slot reserved in Redis (one round trip);
-        an advertised spread (this process's) still applies when Redis does not pace."""
-        assert self._shared is not None
-        admission = await self._shared.depart(key, self._ceiling, bound - _clock.now())
-        if admission.verdict == "open":
-            gate.shared_rate = 0.0
-            if gate.paced:  # an advertised spread
-                with _waiting(key):
-                    await gate.depart(bound)
-            return
-        await self._leave(key, gate, admission)
-
-    @staticmethod
-    async def _leave(key: str, gate: PauseGate, admission: Admission) -> None:
-        """Wait for the departure slot ``admission`` reserved (``go``), or RateLimited
-        (``late``: nothing was reserved, nothing is sent)."""
-        gate.shared_rate, gate.cuts_seen = admission.rate, admission.cuts
-        if admission.verdict == "late":
-            raise RateLimited(key, admission.seconds)
-        if admission.seconds > DUE_SLACK:
-            with _waiting(key):
-                await _clock.sleep(admission.seconds)
-
-    def _departure_bound(self, request: ClientRequest, started: float, now: float) -> float:
-        """The loop time a paced departure must not pass: ``max_wait`` from now, or the
-        caller's allowance (deadline, aiohttp's total timeout)."""
-        return min(now + allowance(request, started), now + self._max_wait)
-
-    async def _share_pause(
-        self, key: str, gate: PauseGate, delay: float, resp: ClientResponse, probe: bool
-    ) -> float:
-        """Pause ``key`` in Redis; if that fails (or the caller is cancelled), the key is
-        paused here (a probe's role handed back) and the 429 released before the error."""
-        assert self._shared is not None
+        hint = retry_hint(resp.headers, now=_clock.wall())
+        server = None if hint is None else hint[0]
+        delay = backoff_delay(server, max(gate.streak, 1), base=self._base, cap=self._cap)
         try:
-            return await self._shared.pause(key, delay, probe=probe)
+            delay = await store.share(key, gate, delay, caller.probe)
         except BaseException:
-            gate.pause(delay, probe=probe)
             resp.release()
             raise
+        wait = max(delay, gate.pause(delay, probe=caller.probe))
+        caller.probe = False
+        gives_up = now + wait > latest or not body_replayable(caller.request)
+        _events.emit(
+            "rate_limited", KIND, key, caller.request, attempt=caller.strikes, delay=wait,
+            status=429, reason=_reason(hint, delay) + (_GIVES_UP if gives_up else ""),
+        )  # fmt: skip
+        return gives_up
 
-    async def _claim(self, key: str, gate: PauseGate) -> bool | None:
-        """Our local probe asks Redis: True (we probe), False (the pause is over: the
-        gate opens), None (wait again: the pause grew, or another process probes)."""
-        assert self._shared is not None
-        try:
-            verdict, seconds = await self._shared.claim(key)
-        except BaseException:  # StorageError or cancelled: a local waiter probes instead
-            gate.probe_failed()
-            raise
-        if verdict == "probe":
-            return True
-        if verdict == "open":
-            gate.open()
+    async def _wait_turn(
+        self,
+        caller: _Caller,
+        gate: PauseGate,
+        began: float,
+        latest: float,
+        hard: float,
+        front: bool,
+    ) -> bool:
+        """Wait in the paused key's queue until the pause is over (``caller.probe``
+        False) or this caller probes (True; with Redis, once its claim wins). False: wait
+        again (the pause grew, or another process probes). RateLimited when the pause ends
+        beyond what the caller may wait."""
+        key = caller.key
+        with waiting(key):
+            first = await gate.wait_turn(latest, hard, front=front)
+        probe = await self._store.claim(key, gate) if first else False
+        caller.waited += _clock.now() - began
+        caller.probe = probe is True
+        if probe is None:
             return False
-        gate.pause(seconds if verdict == "paused" else min(seconds, PROBE_POLL), probe=True)
-        return None
+        if probe:
+            _events.emit("pause_probe", KIND, key, caller.request, attempt=caller.strikes)
+        return True
+
+    async def _depart(self, caller: _Caller, gate: PauseGate) -> bool:
+        """Wait for this caller's departure slot at the key's rate. False: a 429 paused the
+        key meanwhile. ``max_wait`` bounds the pause; the departure is bounded on its own."""
+        paced_at = _clock.now()
+        bound = self._departure_bound(caller.request, caller.started, paced_at)
+        await self._store.depart(caller.key, gate, self._ceiling, bound)
+        caller.waited += _clock.now() - paced_at
+        return not gate.closed
+
+    async def _send(
+        self,
+        request: ClientRequest,
+        handler: ClientHandlerType,
+        key: str,
+        gate: PauseGate,
+        probe: bool,
+    ) -> tuple[ClientResponse, int]:
+        """One attempt; its response and the cuts it was sent after. A probe's answer
+        that is not a 429 opens the gate; an error hands the probe role on."""
+        sent = self._leaving(key, gate)
+        try:
+            resp = await handler(request)
+        except BaseException:
+            if probe:
+                self._store.abandoned(key, gate)
+            raise
+        finally:
+            gate.flying -= 1
+        if resp.status != 429:
+            self._answered(sent, resp, probe)
+        return resp, sent.cuts
+
+    # --- what an answer teaches ----------------------------------------------------------
+
+    def _leaving(self, key: str, gate: PauseGate) -> _Sent:
+        """A request of ``key`` leaves now: counted in flight until its answer."""
+        gate.flying += 1
+        return _Sent(key, gate, self._store.cuts(gate), gate.learned)
+
+    def _answered(self, sent: _Sent, resp: ClientResponse, probe: bool) -> None:
+        """An answer that is not a 429: the streak ends; a probe's opens the gate, another's
+        counts in the key's rate; its advertised limits are heeded."""
+        gate = sent.gate
+        gate.streak = 0
+        if probe:
+            self._store.opened(sent.key, gate)  # sending resumes; the probe's answer counts
+        else:
+            self._store.answered(sent.key, gate, sent.learned)
+        self._heed(sent.key, resp)
 
     def _heed(self, key: str, resp: ClientResponse) -> None:
         """With ``proactive``, the limit ``resp`` advertises, less the key's requests still
@@ -343,7 +469,7 @@ class RateLimitBackoff(Policy):
             if not gate.closed:
                 gate.pause(reset, probe=False)
                 _events.emit(
-                    "rate_limited", _KIND, key, None, attempt=0, delay=min(reset, MAX_PAUSE),
+                    "rate_limited", KIND, key, None, attempt=0, delay=min(reset, MAX_PAUSE),
                     status=None, reason=f"advertised limit exhausted ({advertised.policy})",
                 )  # fmt: skip
             return
@@ -351,185 +477,18 @@ class RateLimitBackoff(Policy):
         gate.spread_until = now + min(reset, MAX_PAUSE)
         gate.next_slot = max(gate.next_slot, now + 1.0 / gate.spread)
 
-    def _learn(self, key: str, gate: PauseGate, cuts: int) -> None:
-        """A 429 to a request sent after ``cuts`` cuts: if it is news, cut the key's rate
-        and lengthen its streak. Shared: Redis cuts (in the background, if it is news
-        there); the key is paced from now on."""
-        if self._shared is not None:
-            if cuts == gate.cuts_seen:
-                gate.cuts_seen += 1
-                gate.streak += 1
-            gate.shared_rate = gate.shared_rate or SLOW_START_MIN
-            self._shared.cut(key, cuts, self._ceiling)
-            return
-        now = _clock.now()
-        learned = gate.learn(now, self._ceiling)
-        if learned.counts(cuts):
-            learned.cut(now)
-            gate.streak += 1
-
-    async def _backoff(
-        self,
-        request: ClientRequest,
-        handler: ClientHandlerType,
-        key: str,
-        started: float,
-        resp: ClientResponse | None,
-        cuts: int,
-    ) -> ClientResponse:
-        """The slow path: ``resp`` is a 429 (to a request sent after ``cuts`` cuts), or
-        None when the key was found paused or paced. Each turn: a 429 pauses the key (or
-        the caller gives up), the caller waits its turn (the probe, or after the probe),
-        takes its departure slot, and sends."""
-        strikes, waited, probe = 0, 0.0, False
-        while True:
-            gate = self._gates.get_or_create(key)  # not evicted while we wait or probe
-            now = _clock.now()
-            hard = now + allowance(request, started)
-            latest = min(now + self._max_wait - waited, hard)
-            front = False
-            if resp is not None:  # a 429: pause the key, then give up or wait our turn
-                strikes += 1
-                self._learn(key, gate, cuts)
-                if await self._pause(request, key, gate, resp, probe, latest, strikes):
-                    return resp
-                probe = False
-                resp.release()
-                front = True
-            elif gate.closed and logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s: %s is paused for %.3fs", _KIND, key, gate.remaining())
-            if gate.closed:
-                turn = await self._turn(request, key, gate, latest, hard, front, strikes)
-                waited += _clock.now() - now
-                if turn is None:  # another process probes, or paused again: wait again
-                    resp, probe = None, False
-                    continue
-                probe = turn
-            if not probe and gate.paced:
-                paced_at = _clock.now()
-                # max_wait bounds the pause; the departure after it is bounded on its own
-                bound = self._departure_bound(request, started, paced_at)
-                if self._shared is not None:
-                    await self._shared_departure(key, gate, bound)
-                else:
-                    with _waiting(key):
-                        await gate.depart(bound)
-                waited += _clock.now() - paced_at
-                if gate.closed:  # a 429 paused the key while we waited for our slot
-                    resp = None
-                    continue
-            resp, cuts = await self._send(request, handler, key, gate, probe)
-            if resp.status != 429:
-                return resp
-
-    async def _pause(
-        self,
-        request: ClientRequest,
-        key: str,
-        gate: PauseGate,
-        resp: ClientResponse,
-        probe: bool,
-        latest: float,
-        strikes: int,
-    ) -> bool:
-        """Close the key's gate for the 429's retry time, floored by the key's streak.
-        True: the caller gives up (the pause ends past ``latest``, or its body cannot be
-        sent again) and gets this 429 back."""
-        now = _clock.now()
-        hint = retry_hint(resp.headers, now=_clock.wall())
-        server = None if hint is None else hint[0]
-        delay = backoff_delay(server, max(gate.streak, 1), base=self._base, cap=self._cap)
-        if self._shared is not None:  # every process pauses: the end is Redis's
-            delay = max(delay, await self._share_pause(key, gate, delay, resp, probe))
-        wait = max(delay, gate.pause(delay, probe=probe))
-        gives_up = now + wait > latest or not body_replayable(request)
-        _events.emit(
-            "rate_limited", _KIND, key, request, attempt=strikes, delay=wait, status=429,
-            reason=_reason(hint, delay) + (_GIVES_UP if gives_up else ""),
-        )  # fmt: skip
-        return gives_up
-
-    async def _turn(
-        self,
-        request: ClientRequest,
-        key: str,
-        gate: PauseGate,
-        latest: float,
-        hard: float,
-        front: bool,
-        strikes: int,
-    ) -> bool | None:
-        """Wait in the key's queue: True (we probe), False (the pause is over), None (wait
-        again). RateLimited when the pause ends beyond what the caller may wait."""
-        with _waiting(key):
-            probe = await gate.wait_turn(latest, hard, front=front)
-        if probe and self._shared is not None:
-            claimed = await self._claim(key, gate)
-            if claimed is None:
-                return None
-            probe = claimed
-        if probe:
-            _events.emit("pause_probe", _KIND, key, request, attempt=strikes)
-        return probe
-
-    async def _send(
-        self,
-        request: ClientRequest,
-        handler: ClientHandlerType,
-        key: str,
-        gate: PauseGate,
-        probe: bool,
-    ) -> tuple[ClientResponse, int]:
-        """One attempt; its response and the cuts it was sent after. A probe's answer
-        that is not a 429 opens the gate; an error hands the probe role on."""
-        learned = gate.learned
-        if self._shared is not None:
-            cuts = gate.cuts_seen
-        else:
-            cuts = 0 if learned is None else learned.cuts
-        gate.flying += 1
-        try:
-            resp = await handler(request)
-        except BaseException:
-            if probe:
-                gate.probe_failed()
-                if self._shared is not None:
-                    self._shared.release(key)
-            raise
-        finally:
-            gate.flying -= 1
-        if resp.status == 429:
-            return resp, cuts
-        gate.streak = 0
-        if probe:
-            gate.open()  # sending resumes; the probe's answer is the first it counts
-            if self._shared is not None:
-                self._shared.opened(key)  # in the background, with the shared rate
-        elif learned is not None:
-            learned.accepted(_clock.now())
-        elif gate.shared_rate and self._shared is not None:
-            self._shared.accepted(key)  # counted in the next batch
-        self._heed(key, resp)
-        return resp, cuts
+    def _departure_bound(self, request: ClientRequest, started: float, now: float) -> float:
+        """The loop time a paced departure must not pass: ``max_wait`` from now, or the
+        caller's allowance (deadline, aiohttp's total timeout)."""
+        return min(now + allowance(request, started), now + self._max_wait)
 
 
-@contextmanager
-def _waiting(key: str) -> Iterator[None]:
-    """A wait for ``key`` (the pause, or a paced departure), counted in the metrics;
-    :class:`PauseTooLong` becomes :class:`~resilient.RateLimited` (nothing was sent)."""
-    try:
-        with _metrics.waiting(_KIND, key, 429):
-            yield
-    except PauseTooLong as exc:
-        raise RateLimited(key, exc.retry_after) from None
-
-
-def _shared(storage: str, on_error: OnStorageError) -> SharedPause | None:
-    if not is_shared(storage):
-        return None
-    from ..storage._redis import RedisStore
-
-    return SharedPause(RedisStore(storage), on_error)
+def _started(request: ClientRequest) -> float:
+    """The call's start (:func:`mark_start`), which bounds waits by aiohttp's total
+    timeout; without a total timeout it is unused (0.0, no contextvar read)."""
+    if request.session.timeout.total:
+        return mark_start(request, _clock.now_for(request))
+    return 0.0
 
 
 def _snapshot(key: str, gate: PauseGate) -> PauseStats:

@@ -1,11 +1,16 @@
 """The 429 pause of a key shared through Redis: one process's 429 pauses every process.
 
+:class:`RedisPause` is the Redis peer of :class:`~resilient.ratelimit._store.MemoryPause`
+(the same :class:`~resilient.ratelimit._store.PauseStore` interface); :class:`SharedPause`
+is its Redis half: the scripts, their tokens, the background work and the lease of a
+healthy key.
+
 Redis holds, per key, the pause's end on Redis's own clock and the probe's owner
-(``lua/pause.lua``). Each process keeps its local :class:`~resilient.ratelimit._pause.PauseGate`
+(``pause.lua``). Each process keeps its local :class:`~resilient.ratelimit._pause.PauseGate`
 (its queue of callers and its local probe) and syncs it with Redis:
 
 - before a request of a key that is not paused locally: ``admit`` (one round trip, in
-  ``lua/rate.lua``, below); a pause found there closes the local gate for the time left;
+  ``rate.lua``, below); a pause found there closes the local gate for the time left;
 - a 429: ``pause`` extends the shared end; the local gate closes until then;
 - the local probe, before it sends: ``claim``, under a token of its own (a fresh name
   for every claim). Exactly one claim of all gets ``probe`` (atomic in Redis, leased
@@ -22,7 +27,7 @@ before its claim (the claim's command was overtaken) makes that claim probe noth
 release that gets no answer (Redis down) is sent again with this process's next claim
 of the key, so the key is not blocked for the lease once Redis is back.
 
-The key's learned rate (:mod:`resilient.ratelimit._learned`'s law, mirrored in ``lua/rate.lua``)
+The key's learned rate (:mod:`resilient.ratelimit._learned`'s law, mirrored in ``rate.lua``)
 and its departure slots live in Redis too, so every process paces the key together:
 
 - ``admit``, the one round trip before a request of a key not paused here, reads the
@@ -44,13 +49,20 @@ import asyncio
 import math
 import uuid
 from collections.abc import Coroutine
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from .. import _clock
-from .._errors import StorageError
+from .._errors import RateLimited, StorageError
 from ..storage import OnStorageError
 from ..storage._redis import KEY_PREFIX, RedisStore, seconds, tag, text
-from ._pause import MAX_PAUSE
+from ._learned import SLOW_START_MIN
+from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate
+from ._store import KIND, new_gates, waiting
+
+if TYPE_CHECKING:
+    from aiohttp import ClientRequest
+
+    from ._learned import LearnedRate
 
 __all__ = [
     "ACCEPTED_FLUSH",
@@ -60,6 +72,7 @@ __all__ = [
     "PROBE_POLL",
     "UNRELEASED_KEYS",
     "Admission",
+    "RedisPause",
     "SharedPause",
     "Verdict",
 ]
@@ -82,7 +95,6 @@ HEALTHY_KEYS = 4096
 T = TypeVar("T")
 Verdict = Literal["open", "paused", "busy", "probe"]
 _VERDICTS = ("open", "paused", "busy", "probe")
-_KIND = "rate_limit_backoff"
 
 
 class Admission(NamedTuple):
@@ -184,7 +196,7 @@ class SharedPause:
         nor paced) is trusted for :data:`HEALTHY_LEASE` seconds from when it was asked,
         unless this process pauses or cuts the key meanwhile."""
         now = _clock.now()
-        if self._healthy.get(key, 0.0) > now:
+        if self.healthy(key, now):
             return _OPEN
         news = self._news
         admission = await self._admission("admit", key, ceiling, max_wait)
@@ -193,6 +205,11 @@ class SharedPause:
         else:
             self._healthy.pop(key, None)
         return admission
+
+    def healthy(self, key: str, now: float) -> bool:
+        """Whether ``key`` is known neither paused nor paced at loop time ``now`` (the
+        lease of an ``open`` answer: :meth:`admit` would answer it without a round trip)."""
+        return self._healthy.get(key, 0.0) > now
 
     async def depart(self, key: str, ceiling: float, max_wait: float) -> Admission:
         """A departure slot of paced ``key`` after a pause (``open``: not paced)."""
@@ -275,7 +292,7 @@ class SharedPause:
                 _ignore,
             )
         except StorageError as exc:
-            self._store.warn(_KIND, exc, _clock.now(), "the shared rate misses one update")
+            self._store.warn(KIND, exc, _clock.now(), "the shared rate misses one update")
 
     async def _flush(self) -> None:
         """Send the accepted answers in batches, one round trip per key every
@@ -293,7 +310,7 @@ class SharedPause:
         try:
             await self._store.run("ratelimit/pause", [_keys(key)], ["open", token, 0.0], _ignore)
         except StorageError as exc:
-            self._store.warn(_KIND, exc, _clock.now(), "the response is returned")
+            self._store.warn(KIND, exc, _clock.now(), "the response is returned")
             if token:
                 self._release(key, token)
             return
@@ -305,7 +322,7 @@ class SharedPause:
         except StorageError as exc:
             self._remember(key, token)
             self._store.warn(
-                _KIND, exc, _clock.now(), "the probe is freed by the next claim or its lease"
+                KIND, exc, _clock.now(), "the probe is freed by the next claim or its lease"
             )
 
     def _remember(self, key: str, token: str) -> None:
@@ -324,8 +341,124 @@ class SharedPause:
         """``on_error="allow"``: warn, then ``value`` (this process's own state decides)."""
         if self._on_error == "raise":
             raise exc
-        self._store.warn(_KIND, exc, _clock.now())
+        self._store.warn(KIND, exc, _clock.now())
         return value
+
+
+class RedisPause:
+    """The Redis store of a :class:`~resilient.RateLimitBackoff` (a
+    :class:`~resilient.ratelimit._store.PauseStore`): this process's gates (its queue of
+    callers, its local probe, an advertised spread), kept in step with the key's pause,
+    probe claim, rate and departure slots in Redis through ``remote``.
+
+    A request leaves without a round trip while the key is known healthy (its
+    ``HEALTHY_LEASE``) and not paused or paced here; else ``enter`` asks Redis (one
+    round trip: the pause, or a departure slot). 429s and answers reach Redis in the
+    background. With ``on_storage_error="allow"`` a failing Redis leaves the local gate
+    alone in charge (``SharedPause``'s fallback)."""
+
+    __slots__ = ("gates", "remote")
+
+    def __init__(self, remote: SharedPause, max_keys: int) -> None:
+        self.remote = remote
+        self.gates = new_gates(max_keys)
+
+    def ready(self, key: str, gate: PauseGate | None, request: ClientRequest) -> bool:
+        if gate is not None and gate.closed:
+            return False
+        if not self.remote.healthy(key, request.loop.time()):
+            return False
+        if gate is None:
+            return True
+        gate.shared_rate = 0.0  # what an "open" answer says
+        return not gate.paced  # an advertised spread: its departure asks Redis first
+
+    async def enter(
+        self, key: str, gate: PauseGate | None, ceiling: float, bound: float
+    ) -> tuple[PauseGate | None, bool]:
+        """One round trip: close the local gate if another process paused the key; if the
+        key is paced there, wait for the departure slot Redis gave us (True: departed)."""
+        if gate is not None and gate.closed:
+            return gate, False
+        admission = await self.remote.admit(key, ceiling, bound - _clock.now())
+        if admission.verdict == "open":
+            if gate is not None:
+                gate.shared_rate = 0.0
+            return gate, False
+        gate = self.gates.get_or_create(key)
+        if admission.verdict == "paused":
+            gate.pause(admission.seconds, probe=False)
+            return gate, False
+        await _leave(key, gate, admission)
+        return gate, True
+
+    async def depart(self, key: str, gate: PauseGate, ceiling: float, bound: float) -> None:
+        """A slot reserved in Redis (one round trip); an advertised spread (this process's)
+        still applies when Redis does not pace the key."""
+        admission = await self.remote.depart(key, ceiling, bound - _clock.now())
+        if admission.verdict == "open":
+            gate.shared_rate = 0.0
+            if gate.paced:  # an advertised spread
+                with waiting(key):
+                    await gate.depart(bound)
+            return
+        await _leave(key, gate, admission)
+
+    async def share(self, key: str, gate: PauseGate, delay: float, probe: bool) -> float:
+        try:
+            return max(delay, await self.remote.pause(key, delay, probe=probe))
+        except BaseException:  # StorageError or cancelled: the key is paused here
+            gate.pause(delay, probe=probe)
+            raise
+
+    async def claim(self, key: str, gate: PauseGate) -> bool | None:
+        try:
+            verdict, seconds_ = await self.remote.claim(key)
+        except BaseException:  # StorageError or cancelled: a local waiter probes instead
+            gate.probe_failed()
+            raise
+        if verdict == "probe":
+            return True
+        if verdict == "open":
+            gate.open()
+            return False
+        gate.pause(seconds_ if verdict == "paused" else min(seconds_, PROBE_POLL), probe=True)
+        return None
+
+    def cuts(self, gate: PauseGate) -> int:
+        return gate.cuts_seen
+
+    def learn(self, key: str, gate: PauseGate, cuts: int, ceiling: float) -> None:
+        """Redis cuts (in the background, if it is news there); the key is paced here from
+        now on, at the slow start's rate until Redis says otherwise."""
+        if cuts == gate.cuts_seen:
+            gate.cuts_seen += 1
+            gate.streak += 1
+        gate.shared_rate = gate.shared_rate or SLOW_START_MIN
+        self.remote.cut(key, cuts, ceiling)
+
+    def answered(self, key: str, gate: PauseGate, learned: LearnedRate | None) -> None:
+        if gate.shared_rate:
+            self.remote.accepted(key)  # counted in the next batch
+
+    def opened(self, key: str, gate: PauseGate) -> None:
+        gate.open()
+        self.remote.opened(key)  # in the background, with the shared rate
+
+    def abandoned(self, key: str, gate: PauseGate) -> None:
+        gate.probe_failed()
+        self.remote.release(key)
+
+
+async def _leave(key: str, gate: PauseGate, admission: Admission) -> None:
+    """Wait for the departure slot ``admission`` reserved (``go``), or RateLimited
+    (``late``: nothing was reserved, nothing is sent)."""
+    gate.shared_rate, gate.cuts_seen = admission.rate, admission.cuts
+    if admission.verdict == "late":
+        raise RateLimited(key, admission.seconds)
+    if admission.seconds > DUE_SLACK:
+        with waiting(key):
+            await _clock.sleep(admission.seconds)
 
 
 def _lasts(reply: Any) -> float:
