@@ -4,7 +4,9 @@ The policy is the call, written once: admit (its store says let through, refuse,
 the backend), send, record the outcome (or release what it held). The rules live in
 :mod:`resilient.breaker._circuit` (one state machine, mirrored in ``breaker/breaker.lua``);
 the state lives in a store (:mod:`resilient.breaker._store`: this process's memory, or
-Redis through :mod:`resilient.breaker._redis`).
+Redis through :mod:`resilient.breaker._redis`). In a pipeline the same call runs as
+:meth:`CircuitBreaker.before` (admit, when the store answers without I/O) and
+:meth:`CircuitBreaker.after` (record or release), around the pipeline's attempt.
 
 Failures: 5xx responses, aiohttp network errors and timeouts. 429 and other 4xx are
 successes (the host is up). A cancellation, or an error that is not an outcome of the

@@ -23,6 +23,9 @@ its own, in the caller's context;
 when it wins, the caller's attempt is cancelled the way ``asyncio.timeout`` cancels
 (``task.cancel()``, then ``task.uncancel()`` once the cancellation came back), so a
 cancellation from outside still propagates.
+
+In a pipeline a request Hedge never hedges goes on the fast path (:meth:`Hedge.before`
+gives no ticket, nothing is recorded); any other runs Hedge whole.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ The rule:
   time out on the wire, after the server did the work.
 - A waiter that is cancelled (or gives up) leaves no trace: it leaves the queue, and a
   slot handed to it in the same instant goes on to the next waiter.
+
+In a pipeline a request that finds a free slot and nobody queued takes it in
+:meth:`ConcurrencyLimit.before` and hands it back in :meth:`ConcurrencyLimit.after`
+(whatever the outcome); one that must queue or be refused runs the policy whole.
 """
 
 from __future__ import annotations
