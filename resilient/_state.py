@@ -24,7 +24,7 @@ S = TypeVar("S")
 class KeyedState(Generic[S]):
     """``key -> state`` with idle-key eviction. ``get_or_create`` is the only write."""
 
-    __slots__ = ("_factory", "_is_idle", "_low_water", "_max_keys", "_states")
+    __slots__ = ("_factory", "_is_idle", "_low_water", "_max_keys", "_states", "get")
 
     def __init__(
         self,
@@ -35,13 +35,12 @@ class KeyedState(Generic[S]):
         if not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys must be an int >= 1, got {max_keys!r}")
         self._states: dict[str, S] = {}
+        self.get: Callable[[str], S | None] = self._states.get
+        """``state`` or None: the dict's own ``get`` (a hot-path lookup, no wrapper)."""
         self._factory = factory
         self._is_idle = is_idle
         self._max_keys = max_keys
         self._low_water = max_keys - max_keys // 8
-
-    def get(self, key: str) -> S | None:
-        return self._states.get(key)
 
     def get_or_create(self, key: str) -> S:
         state = self._states.get(key)
