@@ -4,10 +4,9 @@ A process that sends often to a key boards several requests at once, in one Redi
 (a *lease*): each place is a ticket counted in flight in Redis, exactly as the ticket
 of a request boarded alone, so the quota rule (``used + in_flight < amount`` in every
 window, a slot stamped when its attempt ends) holds as it does for single boardings.
-Its requests then take their tickets here, without a round trip; the tickets left
-unused :data:`LEASE` seconds after the last lease are handed back, by name.
+Its requests then take their tickets here, oldest first, without a round trip.
 
-How many: the key's *demand* is the most requests it boarded in one period of
+**How many.** The key's *demand* is the most requests it boarded in one period of
 :data:`LEASE` seconds (the current period or the previous one). A caller asks for
 ``demand + 1`` places (itself included), at most :data:`MAX_LEASE`; Redis grants the
 largest ``k`` of ``want, want/2, want/4, ...`` for which every window holds
@@ -15,45 +14,88 @@ largest ``k`` of ``want, want/2, want/4, ...`` for which every window holds
 there is room for one (a board as without leases), else the wait. So a lease takes at
 most ``1/SPREAD`` of the room left, and near the limit every request boards alone.
 
-Renewal: once a spare is taken and the spares left are at most half the demand (and
+**Renewal.** Once a spare is taken and the spares left are at most half the demand (and
 the demand is at least 2), ``demand`` more places are asked for in the background, so a
 steadily busy key finds its next places here and its callers never wait for Redis.
+
+**How long.** A spare is used at most :data:`LEASE` seconds after its lease was asked
+for (this process's clock, read before the call: never later than Redis's); then it is
+handed back by name. Redis keeps an unused spare :data:`SPARE_TTL` seconds and drops it
+by itself after that (a process that exits or dies with spares holds them no longer).
+A spare taken into use is a request in flight: unless it has landed by then, it is
+re-leased in Redis for as long as a request boarded alone, :data:`USED_FLUSH` seconds
+after, in a background send that reaches Redis within ``SPARE_TTL``.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
+
+from ..storage._redis import STORAGE_TIMEOUT
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["LEASE", "MAX_LEASE", "SPREAD", "Lease"]
+__all__ = ["LEASE", "MAX_LEASE", "SPARE_TTL", "SPREAD", "USED_FLUSH", "Lease"]
 
 LEASE = 0.1
-"""Seconds leased places are kept unused before they are handed back; also the period
+"""Seconds a leased place may wait here unused (then it is handed back); also the period
 over which demand is counted."""
 SPREAD = 4
 """A lease of ``k`` places needs room for ``SPREAD · k`` in every window: it takes at most
 a quarter of the room left, so processes cannot starve each other."""
 MAX_LEASE = 128
 """Most places asked for in one call."""
+USED_FLUSH = 1.0
+"""Seconds after a spare is taken into use before its re-lease is sent (a request that
+lands sooner needs none: its landing takes its ticket out)."""
+SPARE_TTL = LEASE + USED_FLUSH + 2 * STORAGE_TIMEOUT + 1.0
+"""Seconds Redis keeps a leased place nobody took into use: past its use here
+(:data:`LEASE`), the wait for its re-lease (:data:`USED_FLUSH`) and two background sends
+(the one on its way, then the one re-leasing it), each bounded by the storage timeout,
+with a second to spare."""
 
 
 class Lease:
-    """One key's spare tickets (boarded in Redis, not yet used), the loop time ``until``
-    which they are kept, the timer that hands them back, whether a lease call is on its
-    way (``asking``), and the demand count (see the module docstring)."""
+    """One key's spares (tickets boarded in Redis, not yet used, each with the loop time
+    until which it may be used), the timer that hands back those past it, whether a lease
+    call is on its way (``asking``), and the demand count (see the module docstring)."""
 
-    __slots__ = ("asking", "current", "previous", "spare", "start", "timer", "until")
+    __slots__ = ("asking", "current", "previous", "spare", "start", "timer")
 
     def __init__(self, now: float) -> None:
-        self.spare: list[str] = []
-        self.until = 0.0
+        self.spare: deque[tuple[str, float]] = deque()
         self.timer: asyncio.TimerHandle | None = None
         self.asking = False
         self.start = now
         self.current = 0
         self.previous = 0
+
+    def keep(self, tickets: list[str], asked: float) -> None:
+        """Hold ``tickets``, leased by a call made at ``asked``, until ``asked + LEASE``."""
+        until = asked + LEASE
+        self.spare.extend((ticket, until) for ticket in tickets)
+
+    def take(self, now: float) -> str | None:
+        """The oldest spare still usable at ``now`` (those past it stay, for :meth:`stale`)."""
+        spare = self.spare
+        if spare and now < spare[0][1]:
+            return spare.popleft()[0]
+        return None
+
+    def stale(self, now: float) -> list[str]:
+        """Take out the spares no longer usable at ``now`` (to be handed back)."""
+        spare, gone = self.spare, []
+        while spare and spare[0][1] <= now:
+            gone.append(spare.popleft()[0])
+        return gone
+
+    def clear(self) -> list[str]:
+        """Take out every spare (to be handed back)."""
+        gone = [ticket for ticket, _ in self.spare]
+        self.spare.clear()
+        return gone
 
     def demand(self, now: float) -> int:
         """The most requests boarded in one period: the current one or the last."""

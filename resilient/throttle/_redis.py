@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _clock
 from .._errors import StorageError
 from ..storage._redis import KEY_PREFIX, RedisStore, seconds, tag
-from ._lease import LEASE, SPREAD, Lease
+from ._lease import SPARE_TTL, SPREAD, USED_FLUSH, Lease
 from ._quota import MIN_QUOTA_WAIT, NAMESPACE, parse_quotas
 
 if TYPE_CHECKING:
@@ -92,7 +92,9 @@ class RedisQuotas:
         "_seq",
         "_store",
         "_tasks",
+        "_timer",
         "_ttl",
+        "_used",
         "text",
     )
 
@@ -113,10 +115,14 @@ class RedisQuotas:
         self._leases: dict[str, Lease] = {}
         self._landed: dict[str, list[str]] = {}
         """key -> tickets whose attempts ended, not sent yet."""
+        self._used: dict[str, dict[str, None]] = {}
+        """key -> spares taken into use, neither landed nor re-leased yet (in order)."""
         self._returned: dict[str, list[str]] = {}
-        """key -> leased tickets handed back unused, not sent yet."""
+        """key -> spares handed back unused, not sent yet."""
         self._flights: dict[str, asyncio.Task[None]] = {}
         """key -> its send on its way (one per key at a time)."""
+        self._timer: asyncio.TimerHandle | None = None
+        """Sends the re-leases of the spares taken into use (:data:`USED_FLUSH`)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the timers and tasks above (another one starts afresh)."""
@@ -124,45 +130,61 @@ class RedisQuotas:
     # --- the interface --------------------------------------------------------------
 
     def board(self, key: str, in_flight: int, now: float) -> tuple[float, str] | None:
-        """A leased ticket of ``key`` if this process holds one (renewing the lease in
-        the background when it runs low), else None."""
+        """A spare of ``key`` if this process holds one still usable (renewing the lease
+        in the background when they run low), else None."""
         lease = self._leases.get(key)
         if lease is None or not lease.spare:
             return None
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
             return None
-        ticket = lease.spare.pop()
+        ticket = lease.take(now)
+        if ticket is None:  # the oldest are past their use: hand them back now
+            self._hand_back(key, lease.stale(now))
+            ticket = lease.take(now)
+            if ticket is None:
+                return None
         lease.count(now)
+        used = self._used.get(key)
+        if used is None:
+            self._used[key] = {ticket: None}
+        else:
+            used[ticket] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(USED_FLUSH, self._flush)
         want = lease.renewal(now)
         if want:
-            self._ask_ahead(key, lease, want)
+            lease.asking = True
+            self._background(self._renew(key, lease, want))
         return 0.0, ticket
 
     async def ask(self, key: str, in_flight: int) -> tuple[float, str]:
         """One round trip: board ``key`` in Redis (leasing places when it is busy) or the
         wait; see the module docstring."""
         lease = self._lease(key)
-        want = lease.want(_clock.now())
+        asked = _clock.now()
+        want = lease.want(asked)
         if want > 1:
             lease.asking = True  # the callers meanwhile board alone (no double lease)
         try:
-            tickets, wait = await self._board(key, want)
+            tickets, wait = await self._board(key, want, 1)
         finally:
             if want > 1:
                 lease.asking = False
         if not tickets:
             return wait
-        now = _clock.now()
-        lease.count(now)
+        lease.count(_clock.now())
         if len(tickets) > 1:
-            self._keep(key, lease, tickets[1:], now)
+            self._keep(key, lease, tickets[1:], asked)
         return 0.0, tickets[0]
 
     def land(self, key: str, ticket: str, now: float) -> None:
         """Queue the landing; it reaches Redis in the background."""
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
+        used = self._used.get(key)
+        if used is not None and ticket in used:
+            del used[ticket]  # the landing takes it out: no re-lease needed
         landed = self._landed.get(key)
         if landed is None:
             self._landed[key] = [ticket]
@@ -185,39 +207,50 @@ class RedisQuotas:
         return self._store
 
     def spares(self, key: str) -> int:
-        """Leased tickets of ``key`` this process holds unused."""
+        """Leased places of ``key`` this process holds unused."""
         lease = self._leases.get(key)
         return 0 if lease is None else len(lease.spare)
 
     async def drain(self) -> None:
-        """Hand back every leased ticket unused and wait until every landing and hand-back
-        in the background has reached Redis (tests, shutdown)."""
+        """Hand back every spare, send every re-lease and landing, wait until the
+        background work has reached Redis, and forget the keys' demand (the next request
+        of a key boards alone): for tests and shutdown."""
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
         while True:
-            for key, lease in self._leases.items():
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for key, lease in list(self._leases.items()):
                 if lease.timer is not None:
                     lease.timer.cancel()
                     lease.timer = None
                 if lease.spare:
-                    self._hand_back(key, lease)
+                    self._hand_back(key, lease.clear())
+                if not lease.asking:
+                    del self._leases[key]
+            for key in [*self._used, *self._landed, *self._returned]:
+                if key not in self._flights:
+                    self._send(key)
             if not self._tasks:
                 return
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # --- boarding -------------------------------------------------------------------
 
-    async def _board(self, key: str, want: int) -> tuple[list[str], tuple[float, str]]:
-        """Board up to ``want`` places: ``(their tickets, _)``, or ``([], (the wait, the
-        full window's name))``. A call that fails or is cancelled takes its places out
-        (in the background)."""
+    async def _board(self, key: str, want: int, used: int) -> tuple[list[str], tuple[float, str]]:
+        """Board up to ``want`` places, the first ``used`` of them in flight now and the
+        others spares: ``(their tickets, _)``, or ``([], (the wait, the full window's
+        name))``. A call that fails or is cancelled takes its places out (in the
+        background)."""
         first = self._seq + 1
         self._seq += want
+        args = [self._client, first, want, self._ttl, SPARE_TTL, used, POLL, SPREAD]
         try:
             granted, wait, which = await self._store.run(
                 "throttle/quota_board",
                 self._keys(key),
-                [self._client, first, want, self._ttl, POLL, SPREAD, *self._args],
+                [*args, *self._args],
                 partial(self._boarding, want),
             )
         except BaseException:  # it may have boarded (a late reply): take it out
@@ -240,53 +273,53 @@ class RedisQuotas:
             raise ValueError(which)
         return 0, seconds(reply[0], self._longest), which
 
-    def _ask_ahead(self, key: str, lease: Lease, want: int) -> None:
-        """Lease ``want`` more places of ``key`` in the background."""
-        lease.asking = True
-        self._background(self._renew(key, lease, want))
-
     async def _renew(self, key: str, lease: Lease, want: int) -> None:
+        """Lease ``want`` more places of ``key`` (in the background)."""
+        asked = _clock.now()
         try:
-            tickets, _ = await self._board(key, want)
+            tickets, _ = await self._board(key, want, 0)
         except StorageError as exc:
             self._store.warn(_KIND, exc, _clock.now(), "no places are leased ahead")
             return
         finally:
             lease.asking = False
         if tickets:
-            self._keep(key, lease, tickets, _clock.now())
+            self._keep(key, lease, tickets, asked)
 
-    def _keep(self, key: str, lease: Lease, tickets: list[str], now: float) -> None:
-        """Hold ``tickets`` as spares until ``now + LEASE`` (then they are handed back)."""
-        lease.spare += tickets
-        lease.until = now + LEASE
+    def _keep(self, key: str, lease: Lease, tickets: list[str], asked: float) -> None:
+        """Hold ``tickets`` as spares (see :meth:`Lease.keep`); the lease's timer hands
+        them back when they are past their use."""
+        if self._leases.get(key) is not lease:  # forgotten meanwhile (drain)
+            self._hand_back(key, tickets)
+            return
+        lease.keep(tickets, asked)
         if lease.timer is None:
-            lease.timer = asyncio.get_running_loop().call_at(lease.until, self._expire, key)
+            lease.timer = asyncio.get_running_loop().call_at(lease.spare[0][1], self._expire, key)
 
     def _expire(self, key: str) -> None:
-        """The lease timer: hand the spares back, unless a later lease extended them."""
+        """A lease's timer: hand back the spares past their use; wait for the next."""
         lease = self._leases.get(key)
         if lease is None:
             return
         lease.timer = None
         loop = asyncio.get_running_loop()
-        if loop.time() < lease.until:
-            lease.timer = loop.call_at(lease.until, self._expire, key)
-        elif lease.spare:
-            self._hand_back(key, lease)
+        stale = lease.stale(loop.time())
+        if stale:
+            self._hand_back(key, stale)
+        if lease.spare:
+            lease.timer = loop.call_at(lease.spare[0][1], self._expire, key)
 
-    def _hand_back(self, key: str, lease: Lease) -> None:
+    def _hand_back(self, key: str, tickets: list[str]) -> None:
         returned = self._returned.get(key)
         if returned is None:
-            self._returned[key] = lease.spare
+            self._returned[key] = tickets
         else:
-            returned += lease.spare
-        lease.spare = []
+            returned += tickets
         if key not in self._flights:
             self._send(key)
 
     def _lease(self, key: str) -> Lease:
-        """``key``'s lease record (at most :data:`KEY_CACHE` idle ones are kept)."""
+        """``key``'s lease record (idle ones are dropped beyond :data:`KEY_CACHE` keys)."""
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
         lease = self._leases.get(key)
@@ -298,38 +331,46 @@ class RedisQuotas:
             lease = leases[key] = Lease(_clock.now())
         return lease
 
-    # --- landings and hand-backs, in the background ---------------------------------
+    # --- re-leases, landings and hand-backs, in the background ----------------------
+
+    def _flush(self) -> None:
+        """The re-lease timer: send every key's spares taken into use."""
+        self._timer = None
+        for key in self._used:
+            if key not in self._flights:
+                self._send(key)
 
     def _send(self, key: str) -> None:
         self._flights[key] = self._background(self._fly(key))
 
     async def _fly(self, key: str) -> None:
-        """Send ``key``'s landings and hand-backs (what came meanwhile goes next)."""
+        """Send ``key``'s re-leases, landings and hand-backs, :data:`MAX_BATCH` tickets at
+        most per call, re-leases first (the rest, and what comes meanwhile, goes next)."""
         try:
             while True:
-                landed = self._landed.pop(key, [])
-                returned = self._returned.pop(key, [])
-                if not landed and not returned:
+                used = list(self._used.pop(key, ()))
+                if len(used) > MAX_BATCH:
+                    self._used[key] = dict.fromkeys(used[MAX_BATCH:])
+                    used = used[:MAX_BATCH]
+                landed = _cut(self._landed, key, MAX_BATCH - len(used))
+                returned = _cut(self._returned, key, MAX_BATCH - len(used) - len(landed))
+                if not used and not landed and not returned:
                     return
-                if len(landed) > MAX_BATCH:
-                    self._landed[key] = landed[MAX_BATCH:]
-                    landed = landed[:MAX_BATCH]
-                if len(returned) > MAX_BATCH:
-                    self._returned[key] = returned[MAX_BATCH:]
-                    returned = returned[:MAX_BATCH]
-                await self._land(key, landed, returned)
+                await self._land(key, landed, used, returned)
         finally:
             if self._flights.get(key) is asyncio.current_task():
                 del self._flights[key]
 
-    async def _land(self, key: str, landed: list[str], returned: list[str]) -> None:
+    async def _land(
+        self, key: str, landed: list[str], used: list[str], returned: list[str]
+    ) -> None:
         try:
             await self._store.run(
                 "throttle/quota_land",
                 self._keys(key),
-                [len(landed), *self._args, *landed, *returned],
+                [len(landed), len(used), self._ttl, *self._args, *landed, *used, *returned],
             )
-        except StorageError as exc:  # the tickets' lease frees Redis's count
+        except StorageError as exc:  # the tickets' leases free Redis's count
             self._store.warn(_KIND, exc, _clock.now(), "the slots are counted here only")
             local = self._local
             if local is not None:
@@ -355,18 +396,18 @@ class RedisQuotas:
 
     def _adopt(self) -> None:
         """A call in another event loop than the last (a test's, a new ``asyncio.run``):
-        the timers and tasks belonged to the other loop. Spares and unsent landings are
-        still owed to Redis: they are sent from this loop."""
+        the timers and tasks belonged to the other loop. Spares, re-leases and landings
+        not sent yet are still owed to Redis: they are sent from this loop."""
         self._loop = asyncio.get_running_loop()
         self._flights.clear()
         self._tasks = set()
+        self._timer = None
         for key, lease in self._leases.items():
             lease.timer = None
             lease.asking = False
             if lease.spare:
-                self._returned.setdefault(key, []).extend(lease.spare)
-                lease.spare = []
-        for key in {*self._landed, *self._returned}:
+                self._returned.setdefault(key, []).extend(lease.clear())
+        for key in {*self._used, *self._landed, *self._returned}:
             self._send(key)
 
     def _keys(self, key: str) -> list[str]:
@@ -387,3 +428,14 @@ class RedisQuotas:
 
     def __repr__(self) -> str:
         return f"RedisQuotas({self.text!r}, storage={self._store.name!r})"
+
+
+def _cut(pending: dict[str, list[str]], key: str, room: int) -> list[str]:
+    """Take out up to ``room`` of ``key``'s pending tickets (the rest stay pending)."""
+    tickets = pending.pop(key, [])
+    if tickets and len(tickets) > room:
+        if room <= 0:
+            pending[key] = tickets
+            return []
+        pending[key], tickets = tickets[room:], tickets[:room]
+    return tickets

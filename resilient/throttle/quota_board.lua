@@ -5,8 +5,11 @@
 -- KEYS[2..n-1] one moving-window list per quota (limits' layout: newest timestamp first)
 -- KEYS[n] gone: sorted set of tickets taken out before their boarding arrived (see
 --   quota_forget.lua), scored by when they may be dropped
--- ARGV: client, first, want, ttl (s), poll (s), spread, then amount and expiry (s) of
---   each window. The places are named client:first, client:first+1, ...
+-- ARGV: client, first, want, ttl (s), spare_ttl (s), used, poll (s), spread, then amount
+--   and expiry (s) of each window. The places are named client:first, client:first+1,
+--   ...; the first `used` (0 or 1) are in flight now (leased in Redis for ttl seconds),
+--   the others are spares (spare_ttl seconds, until their use re-leases them: see
+--   quota_land.lua).
 -- Room in a window: room = amount - used - flying. Grants the largest k of want,
 -- want/2, want/4, ... (k >= 2) with room >= spread * k in every window, else 1 if
 -- room >= 1 in every window (one request boards alone), and returns k after counting
@@ -17,7 +20,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local client, first, want = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, poll, spread = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl, spare_ttl, used = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local poll, spread = tonumber(ARGV[7]), tonumber(ARGV[8])
 local last = #KEYS - 1  -- the last window
 
 if redis.call('ZREM', KEYS[#KEYS], client .. ':' .. first) == 1 then return 0 end
@@ -27,10 +31,10 @@ local flying = redis.call('ZCARD', KEYS[1])
 
 local function fits(m)  -- room >= m in every window
   for w = 2, last do
-    local i = tonumber(ARGV[2 * w + 3]) - flying - m
+    local i = tonumber(ARGV[2 * w + 5]) - flying - m
     if i < 0 then return false end
     local slot = redis.call('LINDEX', KEYS[w], i)
-    if slot and tonumber(slot) > now - tonumber(ARGV[2 * w + 4]) then return false end
+    if slot and tonumber(slot) > now - tonumber(ARGV[2 * w + 6]) then return false end
   end
   return true
 end
@@ -45,7 +49,7 @@ if granted == 0 and fits(1) then granted = 1 end
 if granted == 0 then
   local wait, which = 0, 0
   for w = 2, last do
-    local amount, expiry = tonumber(ARGV[2 * w + 3]), tonumber(ARGV[2 * w + 4])
+    local amount, expiry = tonumber(ARGV[2 * w + 5]), tonumber(ARGV[2 * w + 6])
     local free, untl = amount - flying, 0
     if free <= 0 then
       untl = math.min(expiry, poll)  -- full of requests in flight: look again soon
@@ -64,7 +68,7 @@ end
 
 local places = {}
 for i = 0, granted - 1 do
-  places[2 * i + 1] = now + ttl
+  places[2 * i + 1] = now + (i < used and ttl or spare_ttl)
   places[2 * i + 2] = client .. ':' .. (first + i)
 end
 redis.call('ZADD', KEYS[1], unpack(places))
