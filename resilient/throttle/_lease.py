@@ -9,14 +9,15 @@ Its requests then take their tickets here, oldest first, without a round trip.
 **How many.** The key's *demand* is the most requests it boarded in one period of
 :data:`LEASE` seconds (the current period or the previous one). A caller asks for
 ``demand + 1`` places (itself included), at most :data:`MAX_LEASE`; Redis grants the
-largest ``k`` of ``want, want/2, want/4, ...`` for which every window holds
-``room >= SPREAD · k`` (``room = amount − used − in_flight``), else exactly one place if
-there is room for one (a board as without leases), else the wait. So a lease takes at
-most ``1/SPREAD`` of the room left, and near the limit every request boards alone.
+largest ``k`` of ``want, want/2, want/4, ...`` that leaves the process holding at most
+``1/SPREAD`` of the room it finds (:func:`granted`), else exactly one place if there is
+room for one (a board as without leases), else the wait. So processes cannot starve
+each other, and near the limit every request boards alone.
 
 **Renewal.** Once a spare is taken and the spares left are at most half the demand (and
-the demand is at least 2), ``demand`` more places are asked for in the background, so a
-steadily busy key finds its next places here and its callers never wait for Redis.
+the demand is at least 2), ``demand`` more places are asked for in the background (none
+granted near the limit), so a steadily busy key finds its next places here and its
+callers never wait for Redis.
 
 **How long.** A spare is used at most :data:`LEASE` seconds after its lease was asked
 for (this process's clock, read before the call: never later than Redis's); then it is
@@ -37,7 +38,7 @@ from ..storage._redis import STORAGE_TIMEOUT
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["LEASE", "MAX_LEASE", "SPARE_TTL", "SPREAD", "USED_FLUSH", "Lease"]
+__all__ = ["LEASE", "MAX_LEASE", "SPARE_TTL", "SPREAD", "USED_FLUSH", "Lease", "granted"]
 
 LEASE = 0.1
 """Seconds a leased place may wait here unused (then it is handed back); also the period
@@ -55,6 +56,23 @@ SPARE_TTL = LEASE + USED_FLUSH + 2 * STORAGE_TIMEOUT + 1.0
 (:data:`LEASE`), the wait for its re-lease (:data:`USED_FLUSH`) and two background sends
 (the one on its way, then the one re-leasing it), each bounded by the storage timeout,
 with a second to spare."""
+
+
+def granted(want: int, room: int, held: int = 0, used: int = 1) -> int:
+    """Places a call asking for ``want`` is granted. ``room``: the least room of the
+    windows (``amount − used slots − in_flight``, the asking process's spares counted in
+    flight); ``held``: those spares; ``used``: 1 for a caller that needs its own place
+    now, 0 for a lease asked ahead. The largest ``k`` of ``want, want/2, want/4, ...``
+    (``k >= 2``) with ``SPREAD · (held + k) <= room + held`` (the process then holds at
+    most ``1/SPREAD`` of the room it finds, its own spares counted as room), else
+    ``used`` if ``room >= 1``, else 0 (a caller then waits). ``quota_board.lua`` applies
+    this rule; a test checks it does."""
+    k = want
+    while k >= 2:
+        if SPREAD * (held + k) <= room + held:
+            return k
+        k //= 2
+    return used if room >= 1 else 0
 
 
 class Lease:

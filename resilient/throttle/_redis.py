@@ -167,7 +167,7 @@ class RedisQuotas:
         if want > 1:
             lease.asking = True  # the callers meanwhile board alone (no double lease)
         try:
-            tickets, wait = await self._board(key, want, 1)
+            tickets, wait = await self._board(key, want, 1, len(lease.spare))
         finally:
             if want > 1:
                 lease.asking = False
@@ -238,34 +238,39 @@ class RedisQuotas:
 
     # --- boarding -------------------------------------------------------------------
 
-    async def _board(self, key: str, want: int, used: int) -> tuple[list[str], tuple[float, str]]:
+    async def _board(
+        self, key: str, want: int, used: int, held: int
+    ) -> tuple[list[str], tuple[float, str]]:
         """Board up to ``want`` places, the first ``used`` of them in flight now and the
-        others spares: ``(their tickets, _)``, or ``([], (the wait, the full window's
-        name))``. A call that fails or is cancelled takes its places out (in the
-        background)."""
+        others spares, this process holding ``held`` spares already (see
+        :func:`~resilient.throttle._lease.granted`): ``(their tickets, _)``, or ``([],
+        (the wait, the full window's name))`` (no wait when asked ahead). A call that
+        fails or is cancelled takes its places out (in the background)."""
         first = self._seq + 1
         self._seq += want
-        args = [self._client, first, want, self._ttl, SPARE_TTL, used, POLL, SPREAD]
+        args = [self._client, first, want, self._ttl, SPARE_TTL, used, held, POLL, SPREAD]
         try:
             granted, wait, which = await self._store.run(
                 "throttle/quota_board",
                 self._keys(key),
                 [*args, *self._args],
-                partial(self._boarding, want),
+                partial(self._boarding, want, used),
             )
         except BaseException:  # it may have boarded (a late reply): take it out
             self._background(self._forget(key, first, want))
             raise
         if not granted:
+            if not used:
+                return [], _BOARDED
             return [], (max(wait, MIN_QUOTA_WAIT), f"quota {self._items[which]}")
         return [f"{self._client}:{first + i}" for i in range(granted)], _BOARDED
 
-    def _boarding(self, want: int, reply: Any) -> tuple[int, float, int]:
-        """An integer ``k`` in ``[1, want]`` (boarded ``k`` places) -> ``(k, 0.0, 0)``;
-        else ``{seconds, window index}`` -> ``(0, seconds, index)``, a wait no longer than
-        the longest window."""
+    def _boarding(self, want: int, used: int, reply: Any) -> tuple[int, float, int]:
+        """An integer ``k`` in ``[1, want]`` (boarded ``k`` places; 0 too when asked
+        ahead: nothing granted) -> ``(k, 0.0, 0)``; else ``{seconds, window index}`` ->
+        ``(0, seconds, index)``, a wait no longer than the longest window."""
         if isinstance(reply, int):
-            if not 1 <= reply <= want:
+            if not used <= reply <= want:
                 raise ValueError(reply)
             return reply, 0.0, 0
         which = int(reply[1]) - 1
@@ -277,7 +282,7 @@ class RedisQuotas:
         """Lease ``want`` more places of ``key`` (in the background)."""
         asked = _clock.now()
         try:
-            tickets, _ = await self._board(key, want, 0)
+            tickets, _ = await self._board(key, want, 0, len(lease.spare))
         except StorageError as exc:
             self._store.warn(_KIND, exc, _clock.now(), "no places are leased ahead")
             return
