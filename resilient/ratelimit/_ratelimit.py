@@ -148,9 +148,11 @@ class RateLimitBackoff(Policy):
         "_cap",
         "_ceiling",
         "_gates",
+        "_gates_decide",
         "_key",
         "_max_wait",
         "_proactive",
+        "_ready",
         "_shared",
         "_storage",
         "_store",
@@ -191,6 +193,8 @@ class RateLimitBackoff(Policy):
             self._shared = SharedPause(RedisStore(self._storage), on_error)
             self._store = RedisPause(self._shared, max_keys)
         self._gates = self._store.gates
+        self._ready = self._store.ready
+        self._gates_decide = self._store.gates_decide
 
     @property
     def max_wait(self) -> float:
@@ -244,12 +248,12 @@ class RateLimitBackoff(Policy):
         key = self._key(request)
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, key, request, handler)
-        started = _started(request)
+        total = request.session.timeout.total  # _started(request), inlined: the hot path
+        started = mark_start(request, _clock.now_for(request)) if total else 0.0
         gate = self._gates.get(key)
-        store = self._store
-        if not store.ready(key, gate, request):
+        if (gate is not None or not self._gates_decide) and not self._ready(key, gate, request):
             bound = self._departure_bound(request, started, _clock.now())
-            gate, departed = await store.enter(key, gate, self._ceiling, bound)
+            gate, departed = await self._store.enter(key, gate, self._ceiling, bound)
             if gate is not None and (gate.closed or (gate.paced and not departed)):
                 return await self._backoff(request, handler, key, started, None, 0)
         if gate is None:  # the common case: a key never paused nor paced
@@ -272,11 +276,9 @@ class RateLimitBackoff(Policy):
             return SLOW
         key = self._key(request)
         gate = self._gates.get(key)
-        if not self._store.ready(key, gate, request):
+        if (gate is not None or not self._gates_decide) and not self._ready(key, gate, request):
             return SLOW
-        if gate is None:
-            return key
-        return self._leaving(key, gate)
+        return key if gate is None else self._leaving(key, gate)
 
     def after(self, ticket: Any, request: ClientRequest, outcome: Outcome) -> bool:
         """What ``__call__`` does with its first answer: a 429 goes on in :meth:`resume`;

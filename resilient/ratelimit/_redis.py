@@ -359,6 +359,8 @@ class RedisPause:
 
     __slots__ = ("gates", "remote")
 
+    gates_decide = False  # a key's lease in ``remote`` decides too
+
     def __init__(self, remote: SharedPause, max_keys: int) -> None:
         self.remote = remote
         self.gates = new_gates(max_keys)

@@ -53,6 +53,9 @@ class PauseStore(Protocol):
     """A RateLimitBackoff's state behind one interface (see the module docstring)."""
 
     gates: KeyedState[PauseGate]
+    gates_decide: bool
+    """True when the gates alone decide (memory): a key without a gate is ``ready``
+    without asking (the policy does not call the store for it)."""
 
     def ready(self, key: str, gate: PauseGate | None, request: ClientRequest) -> bool:
         """True: a request of ``key`` leaves now (nothing to wait for, nothing to ask)."""
@@ -99,6 +102,8 @@ class MemoryPause:
     """Every key's pause and learned rate in this process (the gate holds them all)."""
 
     __slots__ = ("gates",)
+
+    gates_decide = True
 
     def __init__(self, max_keys: int) -> None:
         self.gates = new_gates(max_keys)
