@@ -19,7 +19,8 @@ b. Four OS processes share one quota. The benchmark process serves
 c. Round trips per request on the caller's path, for Throttle(quotas), RateLimitBackoff,
    CircuitBreaker alone and the full chain: Redis behind a proxy that holds every reply
    :data:`DELAY` s (``benchmarks/_delay_proxy.py``), calls timed one by one as in a;
-   (µs on Redis − µs in memory) / µs of one PING through the proxy.
+   (µs on Redis − µs in memory) / µs of one PING through the proxy. Redis scripts/req:
+   every script Redis ran during those calls (background sends included), per call.
 """
 
 from __future__ import annotations
@@ -274,6 +275,8 @@ async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
         return resp
 
     rows: list[dict[str, Any]] = []
+    counter = RedisStore(f"redis://127.0.0.1:{redis_port}/0")  # counts, past the proxy
+    direct = counter.limits.bridge.get_connection()
     async with DelayProxy(redis_port, DELAY) as proxy:
         store = RedisStore(proxy.url)
         conn = store.limits.bridge.get_connection()
@@ -289,15 +292,19 @@ async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
                 await _timed_calls(on_memory, req, 5)  # warm-up: connections, scripts
                 await _timed_calls(on_redis, req, 5)
                 mem = await _timed_calls(on_memory, req, TRIP_CALLS)
+                before = await _commands(direct)
                 red = await _timed_calls(on_redis, req, TRIP_CALLS)
+                after = await _commands(direct)
                 rows.append({
                     "variant": f"round trips per request: {name}",
                     "µs/req": red,
                     "round trips": (red - mem) / ping,
+                    "Redis scripts/req": (after[1] - before[1]) / TRIP_CALLS,
                 })  # fmt: skip
         finally:
             for policies in shared.values():
                 await _shutdown(policies)
+            await counter.close()
     rows.insert(
         0,
         {
@@ -535,6 +542,12 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             "packing and parsing, the event loop's socket I/O: most of a loopback round "
             "trip) is paid inside the loop, and each of the two sends per request wakes "
             "redis-server on the same cores. A real request's own network time overlaps it.",
+            "Round trips (part c): a busy key's requests take places leased ahead in one "
+            "script call (demand + 1 places, at most a quarter of the room left, renewed in "
+            "the background), so a caller waits for Redis only when its process holds none; "
+            "near the limit every request boards alone. Part a's paced calls drain between "
+            "calls (every spare handed back, the demand forgotten): each boards alone, as "
+            "before; back-to-back calls lease.",
             "4 processes: time s runs from the start signal to the last response (worker "
             "clocks, time.time()); rate / quota = ok / time / quota (ideal s: the fastest "
             "schedule a moving window allows, (ceil(total/quota) − 1) windows). max in any "
