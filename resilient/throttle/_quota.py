@@ -129,13 +129,13 @@ class Quotas:
     the memory peer of the :class:`~resilient.throttle._store.QuotaStore` interface
     (shared windows: :class:`resilient.throttle._redis.RedisQuotas`).
 
-    :meth:`board` (:meth:`room_at`) always answers, synchronously, and every ticket is
-    ``""``; :meth:`land` is :meth:`record_at`. :meth:`room` and :meth:`record` read and
-    write the windows on the event loop's clock. A key's windows are dropped once none
-    holds a slot (swept when new keys come).
+    ``board`` is :meth:`room_at` (it always answers, synchronously; the caller counts
+    itself in flight) and every ticket is ``""``; ``land`` is :meth:`record_at`.
+    :meth:`room` and :meth:`record` read and write the windows on the event loop's clock.
+    A key's windows are dropped once none holds a slot (swept when new keys come).
     """
 
-    __slots__ = ("_items", "_specs", "_sweep_at", "_windows", "text")
+    __slots__ = ("_items", "_specs", "_sweep_at", "_windows", "board", "text")
 
     def __init__(self, text: str) -> None:
         self._items = parse_quotas(text)
@@ -145,6 +145,9 @@ class Quotas:
         )
         self._windows: dict[str, tuple[MovingWindow, ...]] = {}
         self._sweep_at = SWEEP_MIN
+        self.board = self.room_at
+        """The store's ``board``: :meth:`room_at` itself (memory always answers), so the
+        hot path pays no call of its own for it."""
 
     def room_at(self, key: str, in_flight: int, now: float) -> tuple[float, str]:
         """``(0.0, "")`` if every window of ``key`` has room for one more request at ``now``
@@ -168,9 +171,10 @@ class Quotas:
                     wait, name = until, window.name
         return (wait, name) if wait else _ROOM
 
-    def record_at(self, key: str, now: float) -> None:
+    def record_at(self, key: str, now: float, ticket: str = "") -> None:
         """Take a slot in every window of ``key`` at ``now`` (an attempt has ended). A full
-        window (only requests not counted in flight can fill it) is left as it is."""
+        window (only requests not counted in flight can fill it) is left as it is.
+        ``ticket``: the store's (memory tickets are all ``""``)."""
         windows = self._windows.get(key)
         if windows is None:
             windows = self._add(key, now)
@@ -191,18 +195,12 @@ class Quotas:
 
     # --- the QuotaStore interface ------------------------------------------------------
 
-    def board(self, key: str, in_flight: int, now: float) -> tuple[float, str]:
-        """:meth:`room_at`: ``(0.0, "")`` (room: the caller counts itself in flight) or
-        the wait; never None (memory always answers)."""
-        return self.room_at(key, in_flight, now)
-
     async def ask(self, key: str, in_flight: int) -> tuple[float, str]:
         """:meth:`board` now (memory has no backend to ask)."""
         return self.room_at(key, in_flight, _clock.now())
 
-    def land(self, key: str, ticket: str, now: float) -> None:
-        """:meth:`record_at` (every ticket is ``""``)."""
-        self.record_at(key, now)
+    land = record_at
+    """The store's ``land``: :meth:`record_at` itself."""
 
     def warn(self, exc: StorageError) -> None:  # pragma: no cover - memory does not fail
         """Memory does not fail."""

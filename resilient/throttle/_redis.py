@@ -178,7 +178,7 @@ class RedisQuotas:
             self._keep(key, lease, tickets[1:], asked)
         return 0.0, tickets[0]
 
-    def land(self, key: str, ticket: str, now: float) -> None:
+    def land(self, key: str, now: float, ticket: str) -> None:
         """Queue the landing; it reaches Redis in the background."""
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()

@@ -10,7 +10,7 @@ is sent and *lands* (takes its slot, timestamped when its attempt ended) after:
   without asking its backend, and
 - ``await ask(key, in_flight)`` does so (the same answers, or ``StorageError`` when the
   backend fails; whatever it may have boarded is handed back);
-- ``land(key, ticket, now)``: the attempt boarded under ``ticket`` ended at ``now``
+- ``land(key, now, ticket)``: the attempt boarded under ``ticket`` ended at ``now``
   (response, failure or cancellation: it may have reached the server). It never waits:
   a remote store sends it in the background.
 - ``warn(exc)``: log that the backend failed and this process's own windows decide.
@@ -50,7 +50,7 @@ class QuotaStore(Protocol):
     async def ask(self, key: str, in_flight: int) -> Boarding:
         """Board through the backend (``StorageError``: it failed; nothing is held)."""
 
-    def land(self, key: str, ticket: str, now: float) -> None:
+    def land(self, key: str, now: float, ticket: str) -> None:
         """The attempt boarded under ``ticket`` ended at ``now``: its slot is taken."""
 
     def warn(self, exc: StorageError) -> None:

@@ -275,7 +275,7 @@ class Throttle(Policy):
         finally:
             if store is not None:
                 try:
-                    store.land(key, ticket, _clock.now_for(request))
+                    store.land(key, _clock.now_for(request), ticket)
                 finally:
                     _land(state)
 
@@ -322,7 +322,7 @@ class Throttle(Policy):
         quotas = self._quotas
         if quotas is not None:
             try:
-                quotas.land(key, boarded, _clock.now_for(request))
+                quotas.land(key, _clock.now_for(request), boarded)
             finally:
                 _land(state)
         return True

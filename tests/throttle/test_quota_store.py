@@ -51,8 +51,8 @@ async def test_memory_boards_at_once_and_every_ticket_is_empty():
     quotas = Quotas("2/minute")
     assert quotas.board("k", 0, 10.0) == (0.0, "")
     assert quotas.board("k", 2, 10.0) == (60.0, "quota 2 per 1 minute")  # 2 in flight
-    quotas.land("k", "", 10.0)
-    quotas.land("k", "", 11.0)
+    quotas.land("k", 10.0, "")
+    quotas.land("k", 11.0, "")
     assert quotas.board("k", 0, 12.0) == (58.0, "quota 2 per 1 minute")
     assert await quotas.ask("k", 0) == quotas.board("k", 0, asyncio.get_running_loop().time())
 
