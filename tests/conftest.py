@@ -13,6 +13,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, settings
 from redis_server import new_redis_server
 
+import resilient
 from resilient.testing import RedisServer
 
 # Shared, noisy 2-core machines: no per-example deadline; the pytest-timeout bounds each test.
@@ -176,3 +177,21 @@ def redis_sentinel_url(redis_server_session: RedisServer) -> Iterator[str]:
     finally:
         sentinel.stop()
         master.stop()
+
+
+@pytest.fixture
+async def gate(server: ScriptedServer) -> AsyncIterator[asyncio.Event]:
+    """An event that ``scripted.held`` replies wait for; set at teardown so the server
+    can stop."""
+    event = asyncio.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def events() -> Iterator[list[resilient.Event]]:
+    """Every event the policies send during the test, in order."""
+    seen: list[resilient.Event] = []
+    remove = resilient.add_hook(seen.append)
+    yield seen
+    remove()

@@ -6,16 +6,17 @@ breaker alone, and every probe slot handed back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
+from scripted import drop_connection, facts, held, ms, until
 
 import resilient
-from resilient import CircuitBreaker, CircuitOpenError, Event
+from resilient import CircuitBreaker, CircuitOpenError
 from resilient._policy import SLOW
 from resilient.breaker import _redis
 
@@ -57,52 +58,6 @@ class Watched(CircuitBreaker):
         return ticket
 
 
-def held(gate: asyncio.Event, status: int = 200) -> Reply:
-    """A reply that waits for ``gate`` before answering ``status``."""
-
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await gate.wait()
-        return web.Response(status=status, text="held")
-
-    return reply
-
-
-async def drop_connection(request: web.Request) -> web.StreamResponse:
-    """Close the connection without answering (aiohttp: ``ServerDisconnectedError``)."""
-    await request.read()
-    assert request.transport is not None
-    request.transport.close()
-    raise asyncio.CancelledError
-
-
-@pytest.fixture
-async def gate(server) -> AsyncIterator[asyncio.Event]:
-    """An event that held replies wait for; set at teardown so the server can stop."""
-    event = asyncio.Event()
-    yield event
-    event.set()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    remove = resilient.add_hook(seen.append)
-    yield seen
-    remove()
-
-
-def facts(events: list[Event]) -> list[tuple[object, ...]]:
-    """What an event says (``delay`` to the millisecond, without the wall-clock ``until``)."""
-    return [
-        (e.kind, e.key, e.policy, e.method, e.url, e.attempt, e.status, e.reason, ms(e.delay))
-        for e in events
-    ]
-
-
-def ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
-
-
 async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
     """The status of one GET, or the name of the exception it raised."""
     try:
@@ -117,15 +72,6 @@ async def refusal(client: aiohttp.ClientSession, url: str, middlewares: Any) -> 
     with pytest.raises(CircuitOpenError) as caught:
         await client.get(url, middlewares=middlewares)
     return caught.value
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield in 1 ms virtual steps until ``condition`` holds (at most 10 s)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
 
 
 async def trip(client: aiohttp.ClientSession, server: Any, cb: Watched) -> None:

@@ -6,15 +6,16 @@ same requests, events and stats as Hedge alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from scripted import delayed, held, until
 
 import resilient
-from resilient import Event, Hedge
+from resilient import Hedge
 from resilient._policy import SLOW
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.looptime]
@@ -41,37 +42,6 @@ class Watched(Hedge):
         return ticket
 
 
-def after(seconds: float, text: str, status: int = 200) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return web.Response(status=status, text=text)
-
-    return reply
-
-
-def held(gate: asyncio.Event) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await gate.wait()
-        return web.Response(text="held")
-
-    return reply
-
-
-@pytest.fixture
-async def gate(server) -> AsyncIterator[asyncio.Event]:
-    event = asyncio.Event()
-    yield event
-    event.set()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    remove = resilient.add_hook(seen.append)
-    yield seen
-    remove()
-
-
 async def fetch(
     client: aiohttp.ClientSession, method: str, url: str, middlewares: Any, **kw: Any
 ) -> tuple[int, str] | str:
@@ -83,17 +53,9 @@ async def fetch(
         return type(exc).__name__
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
-
-
 async def test_a_post_goes_once_on_the_fast_path(server, client):
     hedge = Watched(delay=0.5)
-    server.script("/", after(2.0, "own"))
+    server.script("/", delayed(2.0, text="own"))
     outcome = await fetch(client, "POST", server.url + "/", resilient.chain(hedge), data=b"x")
     assert outcome == (200, "own")
     assert [a.body for a in server.arrivals] == [b"x"]  # no copy, although slow
@@ -106,7 +68,7 @@ async def test_a_streamed_body_goes_once_on_the_fast_path(server, client):
         yield b"chunk"
 
     hedge = Watched(delay=0.5)
-    server.script("/", after(2.0, "own"))
+    server.script("/", delayed(2.0, text="own"))
     outcome = await fetch(client, "PUT", server.url + "/", resilient.chain(hedge), data=stream())
     assert outcome == (200, "own")
     assert server.count() == 1
@@ -115,7 +77,7 @@ async def test_a_streamed_body_goes_once_on_the_fast_path(server, client):
 
 async def test_a_get_runs_hedge_whole_and_its_copy_wins(server, client):
     hedge = Watched(delay=0.5)
-    server.script("/", after(10.0, "own"), after(0.1, "copy"))
+    server.script("/", delayed(10.0, text="own"), delayed(0.1, text="copy"))
     outcome = await fetch(client, "GET", server.url + "/", resilient.chain(hedge))
     assert outcome == (200, "copy")
     assert (hedge.whole, hedge.tickets) == (1, 0)
@@ -148,12 +110,16 @@ async def test_requests_events_and_stats_are_those_of_hedge_alone(server, client
     configuration in the pipeline."""
     key = {"Idempotency-Key": "k1"}
     cases: list[tuple[str, dict[str, Any], list[Reply]]] = [
-        ("POST", {"data": b"a"}, [after(2.0, "own")]),
-        ("GET", {}, [after(0.1, "fast")]),
-        ("GET", {}, [after(3.0, "own"), after(0.1, "copy")]),
-        ("POST", {"data": b"b", "headers": key}, [after(3.0, "own"), after(0.1, "copy")]),
-        ("DELETE", {}, [after(0.2, "own")]),
-        ("PATCH", {"data": b"c"}, [after(2.0, "own")]),
+        ("POST", {"data": b"a"}, [delayed(2.0, text="own")]),
+        ("GET", {}, [delayed(0.1, text="fast")]),
+        ("GET", {}, [delayed(3.0, text="own"), delayed(0.1, text="copy")]),
+        (
+            "POST",
+            {"data": b"b", "headers": key},
+            [delayed(3.0, text="own"), delayed(0.1, text="copy")],
+        ),
+        ("DELETE", {}, [delayed(0.2, text="own")]),
+        ("PATCH", {"data": b"c"}, [delayed(2.0, text="own")]),
     ]
     alone, piped = Watched(delay=1.0), Watched(delay=1.0)
     for method, options, replies in cases:

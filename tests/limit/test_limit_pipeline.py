@@ -6,15 +6,16 @@ virtual time (looptime): the same slots, events and stats as the limit alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from scripted import delayed, drop_connection, held, until
 
 import resilient
-from resilient import ConcurrencyLimit, Event, LimitExceeded
+from resilient import ConcurrencyLimit, LimitExceeded
 from resilient._pipeline import Pipeline
 from resilient._policy import SLOW
 
@@ -42,44 +43,6 @@ class Watched(ConcurrencyLimit):
         return ticket
 
 
-def after(seconds: float, status: int = 200) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(seconds)
-        return web.Response(status=status, text=f"after {seconds}")
-
-    return reply
-
-
-def held(gate: asyncio.Event) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await gate.wait()
-        return web.Response(text="held")
-
-    return reply
-
-
-async def drop_connection(request: web.Request) -> web.StreamResponse:
-    await request.read()
-    assert request.transport is not None
-    request.transport.close()
-    raise asyncio.CancelledError
-
-
-@pytest.fixture
-async def gate(server) -> AsyncIterator[asyncio.Event]:
-    event = asyncio.Event()
-    yield event
-    event.set()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    remove = resilient.add_hook(seen.append)
-    yield seen
-    remove()
-
-
 async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
     """The status of one GET, or the name of the exception it raised."""
     try:
@@ -90,17 +53,9 @@ async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int
         return type(exc).__name__
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
-
-
 async def test_a_free_slot_is_taken_and_handed_back_on_the_fast_path(server, client):
     limit = Watched(2)
-    server.script("/x", after(0.5))
+    server.script("/x", delayed(0.5))
     flying = asyncio.create_task(call(client, server.url + "/x", resilient.chain(limit)))
     await until(lambda: server.count("/x") == 1)
     assert limit.in_flight(server.url) == 1  # held while on the wire
@@ -141,7 +96,7 @@ async def test_a_caller_that_must_queue_runs_the_limit_whole_and_gets_the_slot_h
     server, client
 ):
     limit = Watched(1)
-    server.script("/first", after(1.0))
+    server.script("/first", delayed(1.0))
     chain = resilient.chain(limit)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -151,7 +106,7 @@ async def test_a_caller_that_must_queue_runs_the_limit_whole_and_gets_the_slot_h
     await until(lambda: limit.waiting(server.url) == 1)
     assert await first == 200
     assert await second == 200
-    assert server.arrivals[1].time - started == pytest.approx(1.0, abs=0.01)  # after /first
+    assert server.arrivals[1].time - started == pytest.approx(1.0, abs=0.01)  # delayed /first
     assert (limit.whole, limit.tickets) == (1, 1)
     assert (limit.in_flight(server.url), limit.waiting(server.url)) == (0, 0)
 

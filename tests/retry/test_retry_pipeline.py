@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from scripted import drop_connection, facts, held, until
 
 import resilient
-from resilient import Event
 from resilient._policy import SLOW
 from resilient.retry._budget import RetryBudget
 from resilient.retry._retry import Retry
@@ -59,22 +59,6 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/"
 
 
-async def drop_connection(request: web.Request) -> web.StreamResponse:
-    """Read the request, then close the connection without answering."""
-    await request.read()
-    assert request.transport is not None
-    request.transport.close()
-    raise asyncio.CancelledError
-
-
-def held(event: asyncio.Event) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await event.wait()
-        return web.Response(text="held")
-
-    return reply
-
-
 async def big_503(request: web.Request) -> web.StreamResponse:
     """A 503 whose body is not read at once: its connection stays busy until released."""
     await request.read()
@@ -89,14 +73,6 @@ def retry_after(status: int, seconds: str) -> Reply:
 
 
 @pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    remove = resilient.add_hook(seen.append)
-    yield seen
-    remove()
-
-
-@pytest.fixture
 async def hold() -> AsyncIterator[asyncio.Event]:
     """Replies made with :func:`held` wait for this event; set at teardown."""
     event = asyncio.Event()
@@ -107,23 +83,6 @@ async def hold() -> AsyncIterator[asyncio.Event]:
 def one_connection() -> aiohttp.ClientSession:
     """A session whose single pooled connection a leaked response would keep busy."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
-
-
-async def until(condition: Callable[[], bool], steps: int = 2_000) -> None:
-    """Let the loop run (1 ms of virtual time per step) until ``condition()`` holds."""
-    for _ in range(steps):
-        if condition():
-            return
-        await asyncio.sleep(TICK)
-    raise AssertionError("condition not reached")
-
-
-def facts(events: list[Event]) -> list[tuple[object, ...]]:
-    """What an event says, without ``until`` (a wall-clock time)."""
-    return [
-        (e.kind, e.key, e.policy, e.method, e.url, e.attempt, e.delay, e.status, e.reason)
-        for e in events
-    ]
 
 
 async def call(

@@ -1,0 +1,63 @@
+"""Small replies and waits the pipeline tests share (with the ``server`` fixture of
+``conftest.py``, whose ``script(path, *replies)`` takes these replies)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from resilient import Event
+
+Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def held(gate: asyncio.Event, status: int = 200) -> Reply:
+    """A reply that waits for ``gate`` (the ``gate`` fixture) before answering ``status``."""
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=status, text="held")
+
+    return reply
+
+
+def delayed(seconds: float, status: int = 200, text: str | None = None) -> Reply:
+    """A reply that answers ``status`` after ``seconds`` (loop time)."""
+
+    async def reply(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(status=status, text=f"after {seconds}" if text is None else text)
+
+    return reply
+
+
+async def drop_connection(request: web.Request) -> web.StreamResponse:
+    """Read the request, then close the connection without answering
+    (aiohttp: ``ServerDisconnectedError``)."""
+    await request.read()
+    assert request.transport is not None
+    request.transport.close()
+    raise asyncio.CancelledError
+
+
+async def until(condition: Callable[[], bool], steps: int = 10_000) -> None:
+    """Let the loop run in 1 ms steps until ``condition()`` holds (at most ``steps``)."""
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+def facts(events: list[Event]) -> list[tuple[object, ...]]:
+    """What an event says (``delay`` to the millisecond, without the wall-clock ``until``)."""
+    return [
+        (e.kind, e.key, e.policy, e.method, e.url, e.attempt, e.status, e.reason, ms(e.delay))
+        for e in events
+    ]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
