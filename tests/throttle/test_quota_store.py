@@ -18,6 +18,7 @@ from aiohttp import web
 
 import resilient
 from resilient import StorageError, Throttle
+from resilient.throttle import _lease
 from resilient.throttle._quota import Quotas
 from resilient.throttle._redis import RedisQuotas
 from resilient.throttle._store import QuotaStore
@@ -124,23 +125,27 @@ def _serve_and_send(throttle: Throttle, count: int) -> tuple[list[int | str], in
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
+        quotas: Any = throttle._quotas
         try:
             async with aiohttp.ClientSession(middlewares=(throttle,)) as session:
                 url = f"http://127.0.0.1:{port}/x"
                 outcomes = [await get(session, url) for _ in range(count)]
-            quotas: Any = throttle._quotas
+            async with asyncio.timeout(5.0):  # landings and leases reached Redis
+                while quotas._tasks:
+                    await asyncio.sleep(0.005)
             return outcomes, quotas.spares(f"http://127.0.0.1:{port}")
         finally:
             await runner.cleanup()
             # redis-py's connections belong to this loop (not drained: spares stay held)
-            await throttle._quotas.store.close()  # type: ignore[union-attr]
+            await quotas.store.close()
 
     return asyncio.run(run())
 
 
-def test_a_throttle_used_in_another_event_loop_starts_afresh(redis_server_session):
+def test_a_throttle_used_in_another_event_loop_starts_afresh(redis_server_session, monkeypatch):
     """Spares, timers and background sends belong to the loop they were made in: in the
     next loop the Throttle boards anew, and what the last loop held is handed back."""
+    monkeypatch.setattr(_lease, "LEASE", 30.0)  # no spare goes back by its timer meanwhile
     url = redis_server_session.url
     redis_server_session.flush()
     throttle = Throttle(1000.0, burst=1000, quotas="100000/minute", storage=url)
