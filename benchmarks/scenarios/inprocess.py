@@ -43,7 +43,8 @@ LIMITS_VARIANT = "Throttle(quotas=...) on limits"
 
 class _LimitsQuotas:
     """The memory path of 0.1.0, for comparison only: ``limits``' async moving window over
-    its ``MemoryStorage``, two awaits per request (read the window, then hit it)."""
+    its ``MemoryStorage``, two awaits per request (read the window; then hit it, in a task
+    since the Throttle's quota stores land without waiting)."""
 
     def __init__(self, text: str) -> None:
         from limits.aio.storage import MemoryStorage
@@ -54,6 +55,7 @@ class _LimitsQuotas:
         self.text = text
         self._items = parse_quotas(text)
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._landing: set[asyncio.Task[None]] = set()
 
     async def room(self, key: str, in_flight: int) -> tuple[float, str]:
         from resilient.throttle._quota import MIN_QUOTA_WAIT, NAMESPACE
@@ -76,12 +78,27 @@ class _LimitsQuotas:
         for item in self._items:
             await self._limiter.hit(item, NAMESPACE, key)
 
+    # the Throttle's quota store interface (resilient.throttle._store.QuotaStore)
+
+    def board(self, key: str, in_flight: int, now: float) -> None:
+        return None  # always ask: awaited, as 0.1.0 was
+
+    async def ask(self, key: str, in_flight: int) -> tuple[float, str]:
+        return await self.room(key, in_flight)
+
+    def land(self, key: str, ticket: str, now: float) -> None:
+        task = asyncio.get_running_loop().create_task(self.record(key))
+        self._landing.add(task)
+        task.add_done_callback(self._landing.discard)
+
+    def warn(self, exc: Exception) -> None:
+        """Memory does not fail."""
+
 
 def _on_limits(throttle: Any) -> Any:
     """``throttle`` with its in-memory windows swapped for :class:`_LimitsQuotas` (awaited,
     as shared quotas are)."""
     throttle._quotas = _LimitsQuotas(throttle._quotas.text)
-    throttle._local = None
     return throttle
 
 
