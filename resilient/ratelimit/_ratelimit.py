@@ -303,7 +303,7 @@ class RateLimitBackoff(Policy):
         self, ticket: Any, request: ClientRequest, rest: ClientHandlerType, outcome: Outcome
     ) -> ClientResponse:
         """The first answer was a 429: the slow path, as ``__call__`` goes on with it."""
-        assert isinstance(outcome, ClientResponse)
+        assert not isinstance(outcome, BaseException)  # after() hands over only a 429
         key, cuts = (ticket.key, ticket.cuts) if type(ticket) is _Sent else (ticket, 0)
         return await self._backoff(request, rest, key, _started(request), outcome, cuts)
 
