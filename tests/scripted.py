@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
+import resilient
 from resilient import Event
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,3 +63,37 @@ def facts(events: list[Event]) -> list[tuple[object, ...]]:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
+
+
+Counted = list[tuple[object, object, object]]
+
+
+@contextlib.contextmanager
+def telemetry() -> Iterator[Callable[[], Counted]]:
+    """OpenTelemetry instrumented (an SDK MeterProvider with an in-memory reader) for the
+    block; yields ``counted()``: the ``resilient.requests`` points as ``(policy, status,
+    count)``, readable after the block."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    uninstrument = resilient.instrument_opentelemetry(provider)
+
+    def counted() -> Counted:
+        data = reader.get_metrics_data()
+        assert data is not None
+        return [
+            (point.attributes.get("policy"), point.attributes.get("status"), point.value)
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "resilient.requests"
+            for point in metric.data.data_points
+        ]
+
+    try:
+        yield counted
+    finally:
+        uninstrument()
+        provider.shutdown()

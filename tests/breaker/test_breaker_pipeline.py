@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
-from scripted import drop_connection, facts, held, ms, until
+from scripted import drop_connection, facts, held, ms, telemetry, until
 
 import resilient
 from resilient import CircuitBreaker, CircuitOpenError
@@ -402,27 +402,8 @@ async def test_a_redis_breaker_counts_nothing_for_a_call_cancelled_on_the_fast_p
 
 
 async def test_with_telemetry_the_breaker_runs_whole_and_the_call_is_counted_once(server, client):
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    uninstrument = resilient.instrument_opentelemetry(provider)
     cb = Watched()
-    try:
+    with telemetry() as counted:
         assert await call(client, server.url + "/x", resilient.chain(cb)) == 200
-    finally:
-        uninstrument()
-        provider.shutdown()
     assert (cb.whole, cb.tickets) == (2, 0)  # __call__, re-entered by the counting
-    data = reader.get_metrics_data()
-    assert data is not None
-    counted = [
-        (point.attributes.get("policy"), point.attributes.get("status"), point.value)
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "resilient.requests"
-        for point in metric.data.data_points
-    ]
-    assert counted == [("circuit_breaker", 200, 1)]
+    assert counted() == [("circuit_breaker", 200, 1)]

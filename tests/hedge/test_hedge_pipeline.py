@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from scripted import delayed, held, until
+from scripted import delayed, held, telemetry, until
 
 import resilient
 from resilient import Hedge
@@ -142,30 +142,11 @@ async def test_requests_events_and_stats_are_those_of_hedge_alone(server, client
 async def test_with_telemetry_hedge_and_the_limit_run_whole_and_the_call_is_counted_once(
     server, client
 ):
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    uninstrument = resilient.instrument_opentelemetry(provider)
     hedge = Watched(delay=0.5)
     limit = resilient.ConcurrencyLimit(1)
-    try:
+    with telemetry() as counted:
         chain = resilient.chain(hedge, limit)
         assert await fetch(client, "POST", server.url + "/", chain) == (200, "status 200")
         assert limit.in_flight(server.url) == 0
-    finally:
-        uninstrument()
-        provider.shutdown()
     assert hedge.tickets == 0  # run whole: __call__ counts the call
-    data = reader.get_metrics_data()
-    assert data is not None
-    counted = [
-        (point.attributes.get("policy"), point.attributes.get("status"), point.value)
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "resilient.requests"
-        for point in metric.data.data_points
-    ]
-    assert counted == [("hedge", 200, 1)]  # once, by the outermost policy
+    assert counted() == [("hedge", 200, 1)]  # once, by the outermost policy

@@ -7,7 +7,7 @@ times, events and stats as the Throttle alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
+from scripted import drop_connection, held, telemetry, until
 
 import resilient
 from resilient import DeadlineExceeded, Event, Throttle
@@ -48,37 +49,6 @@ class Watched(Throttle):
         return ticket
 
 
-def held(gate: asyncio.Event, status: int = 200) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        await gate.wait()
-        return web.Response(status=status, text="held")
-
-    return reply
-
-
-async def drop_connection(request: web.Request) -> web.StreamResponse:
-    """Close the connection without answering (aiohttp: ``ServerDisconnectedError``)."""
-    await request.read()
-    assert request.transport is not None
-    request.transport.close()
-    raise asyncio.CancelledError
-
-
-@pytest.fixture
-async def gate(server) -> AsyncIterator[asyncio.Event]:
-    event = asyncio.Event()
-    yield event
-    event.set()
-
-
-@pytest.fixture
-def events() -> Iterator[list[Event]]:
-    seen: list[Event] = []
-    remove = resilient.add_hook(seen.append)
-    yield seen
-    remove()
-
-
 async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
     """The status of one GET, or the name of the exception it raised."""
     try:
@@ -92,12 +62,6 @@ async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int
 def times(server, path: str | None = None) -> list[float]:
     t0 = server.arrivals[0].time
     return [a.time - t0 for a in server.arrivals if path is None or a.path == path]
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5.0):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 # --- memory: the token and the quota place on the fast path -------------------------------
@@ -261,30 +225,11 @@ async def test_a_leased_place_is_taken_on_the_fast_path_without_a_round_trip(
 
 
 async def test_with_telemetry_the_throttle_runs_whole_and_the_call_is_counted_once(server, client):
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    uninstrument = resilient.instrument_opentelemetry(provider)
     throttle = Watched(1000.0, quotas="5/second")
-    try:
+    with telemetry() as counted:
         assert await call(client, server.url + "/x", resilient.chain(throttle)) == 200
-    finally:
-        uninstrument()
-        provider.shutdown()
     assert (throttle.whole, throttle.tickets) == (2, 0)  # __call__, re-entered by the count
-    data = reader.get_metrics_data()
-    assert data is not None
-    counted = [
-        (point.attributes.get("policy"), point.attributes.get("status"), point.value)
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "resilient.requests"
-        for point in metric.data.data_points
-    ]
-    assert counted == [("throttle", 200, 1)]
+    assert counted() == [("throttle", 200, 1)]
     assert throttle.stats()[server.url].in_flight == 0
 
 
