@@ -15,10 +15,12 @@ chain costs one frame:
    that answers ``False`` takes the call over with ``resume`` (around the pipeline of
    the policies inside it), and its result is the outcome the outer ones see.
 
-The call's clock: the pipeline reads the time once, as the call enters, and marks the
-call with it (``_deadline.mark_start``) before any policy runs whole or resumes, so every
-wait is bounded from the call's true start; a call that waits for nothing never pays
-for the mark (a contextvar set, about 0.3 µs).
+The call's clock and key: the pipeline reads the time once, as the call enters, hands it
+to every ``before`` and marks the call with it (``_deadline.mark_start``) before any
+policy runs whole or resumes, so every wait is bounded from the call's true start; a
+call that waits for nothing never pays for the mark (a contextvar set, about 0.3 µs).
+The key is computed once, by the key function the keyed policies share (``by_host``
+unless told otherwise), and handed to every ``before``.
 Each policy still works alone as an ordinary middleware; :func:`resilient.chain`
 returns a Pipeline of the policies, outermost first, followed by the user's other
 middlewares.
@@ -26,14 +28,16 @@ middlewares.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
 
-from . import _clock, _deadline
+from . import _deadline
+from ._keys import KeyFunc
 from ._policy import SLOW, Outcome, Policy
+from .observe import _metrics
 
 __all__ = ["Pipeline"]
 
@@ -42,30 +46,33 @@ class Pipeline:
     """One aiohttp middleware running ``policies`` (outermost first), see the module
     docstring. ``.policies`` lists them; iterating a Pipeline yields them too."""
 
-    __slots__ = ("policies",)
+    __slots__ = ("_key", "policies")
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         if not policies:
             raise ValueError("Pipeline: policies must hold at least one policy, got none")
         self.policies: tuple[Policy, ...] = tuple(policies)
+        keys = {f for f in (p.keyed_by() for p in self.policies) if f is not None}
+        self._key: KeyFunc | None = keys.pop() if len(keys) == 1 else None
+        """The key function every keyed policy shares (None: none, or several)."""
 
-    def __call__(
-        self, request: ClientRequest, handler: ClientHandlerType
-    ) -> Coroutine[Any, Any, ClientResponse]:
-        return self._run(request, handler, 0, _clock.now_for(request))
-
-    async def _run(
-        self, request: ClientRequest, handler: ClientHandlerType, start: int, began: float
+    async def __call__(
+        self, request: ClientRequest, handler: ClientHandlerType, start: int = 0
     ) -> ClientResponse:
-        """The policies from ``start`` inward around ``handler`` (steps 1-3 above); the
-        call began at ``began``."""
+        """The policies from ``start`` inward around ``handler`` (steps 1-3 above)."""
+        now = request.loop.time()  # _clock.now_for, inlined (an inner run: already marked)
         policies = self.policies
+        if _metrics.recorder is not None:  # telemetry: each policy counts its call whole
+            _deadline.mark_start(request, now)
+            return await policies[start](request, self._rest(handler, start + 1))
+        key_of = self._key
+        key = None if key_of is None else key_of(request)
         tickets: list[Any] = []
         outcome: Outcome
         i = start
         try:
             for policy in policies[start:] if start else policies:
-                ticket = policy.before(request)
+                ticket = policy.before(request, key, now)
                 if ticket is SLOW:
                     break
                 tickets.append(ticket)
@@ -73,8 +80,8 @@ class Pipeline:
             if i == len(policies):
                 outcome = await handler(request)
             else:
-                _deadline.mark_start(request, began)
-                outcome = await policies[i](request, self._rest(handler, i + 1, began))
+                _deadline.mark_start(request, now)
+                outcome = await policies[i](request, self._rest(handler, i + 1))
         except BaseException as exc:
             outcome = exc
         while tickets:
@@ -82,10 +89,10 @@ class Pipeline:
             policy = policies[i]
             ticket = tickets.pop()
             if not policy.after(ticket, request, outcome):
-                _deadline.mark_start(request, began)
+                _deadline.mark_start(request, now)
                 try:
                     outcome = await policy.resume(
-                        ticket, request, self._rest(handler, i + 1, began), outcome
+                        ticket, request, self._rest(handler, i + 1), outcome
                     )
                 except BaseException as exc:
                     outcome = exc
@@ -96,11 +103,11 @@ class Pipeline:
                 del outcome
         return outcome
 
-    def _rest(self, handler: ClientHandlerType, start: int, began: float) -> ClientHandlerType:
+    def _rest(self, handler: ClientHandlerType, start: int) -> ClientHandlerType:
         """``rest(request)``: the policies from ``start`` inward, then ``handler``."""
         if start == len(self.policies):
             return handler
-        run: ClientHandlerType = partial(self._run, handler=handler, start=start, began=began)
+        run: ClientHandlerType = partial(self, handler=handler, start=start)
         return run
 
     def __iter__(self) -> Iterator[Policy]:

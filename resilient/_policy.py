@@ -3,11 +3,15 @@ for the pipeline, a synchronous fast path around one attempt.
 
 The fast path (Polly's shape: before the attempt, the attempt, the outcome):
 
-- ``before(request)``: decide without waiting. Return a *ticket* (what the attempt
-  holds: a probe slot, a concurrency slot, a start time; ``None`` when nothing), raise
-  to refuse the call (the exception is the outcome the outer policies see), or return
-  :data:`SLOW` when deciding needs a wait: the pipeline then runs the policy as an
-  ordinary middleware, ``await policy(request, rest)``, for this call.
+- ``before(request, key, now)``: decide without waiting. ``key`` is the policy's own key
+  of the request (:meth:`Policy.keyed_by` of it; the pipeline computes it once for every
+  policy keyed by the same function), or ``None`` when the pipeline did not compute it
+  (the policy then does); ``now`` is the call's clock reading as it entered the pipeline.
+  Return a *ticket* (what the attempt holds: a probe slot, a concurrency slot, a start
+  time; ``None`` when nothing), raise to refuse the call (the exception is the outcome
+  the outer policies see), or return :data:`SLOW` when deciding needs a wait: the
+  pipeline then runs the policy as an ordinary middleware, ``await policy(request,
+  rest)``, for this call.
 - ``after(ticket, request, outcome)``: record the outcome (a ``ClientResponse`` or the
   exception the attempt raised) and hand back what the ticket holds. Return ``True``
   when the outcome stands, ``False`` to take the call over: the pipeline then awaits
@@ -17,8 +21,10 @@ The fast path (Polly's shape: before the attempt, the attempt, the outcome):
   that is not an ``Exception``): it releases and lets it pass.
 
 ``rest`` is the policies inside this one followed by aiohttp's handler (one callable,
-``rest(request)``). The defaults say "always slow", so a policy without a fast path
-is simply awaited whole.
+``rest(request)``). The defaults say "always slow", so a policy without a fast path is
+simply awaited whole. While a metrics backend is installed the pipeline runs every
+policy whole (each counts its own call in ``__call__``): the fast path never sees
+telemetry.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from __future__ import annotations
 from typing import Any, ClassVar, Final, final
 
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+
+from ._keys import KeyFunc
 
 __all__ = ["SLOW", "Outcome", "Policy"]
 
@@ -64,7 +72,11 @@ class Policy:
     ) -> ClientResponse:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc | None:
+        """The key function of the policy's per-key state (None: it keeps none)."""
+        return None
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """The ticket of this attempt, or :data:`SLOW` (see the module docstring)."""
         return SLOW
 

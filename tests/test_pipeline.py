@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
+from scripted import telemetry
 
 from resilient._pipeline import Pipeline
 from resilient._policy import SLOW, Outcome, Policy
@@ -49,7 +50,7 @@ class Recorder(Policy):
         self.log.append((self.name, "call-out", resp.status))
         return resp
 
-    def before(self, request: ClientRequest) -> Any:
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         self.log.append((self.name, "before", None))
         if self.refuse is not None:
             raise self.refuse
@@ -99,6 +100,25 @@ async def test_slow_runs_that_policy_whole_around_the_fast_path_of_the_inner_one
         ("b", "call-out", 200),
         ("a", "after", ("ticket-a", 200)),
     ]
+
+
+async def test_with_telemetry_installed_every_policy_runs_whole(server, client):
+    """A metrics backend counts each policy's call in its ``__call__``: the pipeline then
+    asks no ``before`` and runs every policy whole, outermost first."""
+    log: list[tuple[str, str, Any]] = []
+    pipe = Pipeline([Recorder("a", log), Recorder("b", log)])
+    with telemetry():
+        async with client.get(server.url + "/x", middlewares=(pipe,)) as resp:
+            assert resp.status == 200
+    assert log == [
+        ("a", "call", None),
+        ("b", "call", None),
+        ("b", "call-out", 200),
+        ("a", "call-out", 200),
+    ]
+    async with client.get(server.url + "/x", middlewares=(pipe,)) as resp:  # uninstalled
+        assert resp.status == 200
+    assert [step for _, step, _ in log[4:]] == ["before", "before", "after", "after"]
 
 
 async def test_a_refusal_in_before_is_the_outcome_the_outer_policies_see(server, client):
@@ -176,7 +196,7 @@ async def test_a_cancelled_call_reaches_every_after_with_the_cancellation(server
 
 async def test_nothing_waits_so_the_whole_chain_is_one_coroutine_frame(server, client):
     """On the fast path an I/O resume of the attempt passes through the pipeline's one
-    frame: the aiohttp handler's caller is Pipeline._run, whose caller is aiohttp's
+    frame: the aiohttp handler's caller is Pipeline.__call__, whose caller is aiohttp's
     wrapper (no policy frames between)."""
     callers: list[str] = []
 
@@ -194,9 +214,9 @@ async def test_nothing_waits_so_the_whole_chain_is_one_coroutine_frame(server, c
     # innermost is wrapped by aiohttp (one wrapper per middleware); between it and the
     # pipeline's wrapper there is the pipeline's own frames only
     assert [c for c in callers if "Recorder" in c] == []
-    assert [c for c in callers if c.startswith("Pipeline.")] == ["Pipeline._run"]
+    assert [c for c in callers if c.startswith("Pipeline.")] == ["Pipeline.__call__"]
 
 
 def test_slow_is_one_named_sentinel():
     assert repr(SLOW) == "SLOW"
-    assert Policy().before(None) is SLOW  # type: ignore[arg-type]
+    assert Policy().before(None, None, 0.0) is SLOW  # type: ignore[arg-type]

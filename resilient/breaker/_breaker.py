@@ -247,23 +247,22 @@ class CircuitBreaker(Policy):
         store.record(ticket, resp.status >= 500, request.loop.time())
         return resp
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc:
+        return self._key
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """``__call__``'s admission when the store answers without I/O: the key's
         closed ticket (one dict lookup), a probe's ticket, or ``CircuitOpenError`` (the
         same event, nothing held; an open circuit's from ``opened``, before its break
-        ends); :data:`SLOW` when the store must ask its backend, or a metrics backend
-        counts calls (``__call__`` does)."""
-        if _metrics.recorder is not None:
-            return SLOW
-        key = self._key(request)
+        ends); :data:`SLOW` when the store must ask its backend."""
+        if key is None:
+            key = self._key(request)
         ticket = self._closed.get(key)
         if ticket is not None:
             return ticket
         circuit = self._opened.get(key)
-        if circuit is not None:
-            now = request.loop.time()
-            if now < circuit.until:
-                raise refuse(key, circuit.until - now, _OPEN, request)
+        if circuit is not None and now < circuit.until:
+            raise refuse(key, circuit.until - now, _OPEN, request)
         return self._store.admit(key, request) or SLOW
 
     def after(self, ticket: Ticket, request: ClientRequest, outcome: Outcome) -> bool:

@@ -251,11 +251,14 @@ class Hedge(Policy):
             f" budget={self._budget!r}, key={getattr(self._key, '__name__', 'key')})"
         )
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc:
+        return self._key
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """A request it never hedges (not :func:`hedgeable`) goes once, untouched: its
         ticket is None (nothing held, no latency recorded, as in ``__call__``); any
-        other is :data:`SLOW` (the race needs a task), as with a metrics backend."""
-        if _metrics.recorder is not None or hedgeable(request):
+        other is :data:`SLOW` (the race needs a task)."""
+        if hedgeable(request):
             return SLOW
         return None
 

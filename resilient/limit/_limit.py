@@ -191,17 +191,18 @@ class ConcurrencyLimit(Policy):
         finally:
             state.release(_clock.now_for(request) - started)
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc:
+        return self._key
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """``__call__``'s admission when a slot is free and nobody queues: the ticket is
-        ``(the key's slots, loop time taken)``; else :data:`SLOW` (queue or refuse), as
-        with a metrics backend (``__call__`` counts the call)."""
-        if _metrics.recorder is not None:
-            return SLOW
-        key = self._key(request)
+        ``(the key's slots, loop time taken)``; else :data:`SLOW` (queue or refuse)."""
+        if key is None:
+            key = self._key(request)
         state = self._get(key) or self._states.get_or_create(key)
         if state.flying < state.limit and not state.waiters:
             state.flying += 1
-            return state, request.loop.time()
+            return state, now
         return SLOW
 
     def after(self, ticket: tuple[_Slots, float], request: ClientRequest, outcome: Outcome) -> bool:

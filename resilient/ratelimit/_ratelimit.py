@@ -268,13 +268,14 @@ class RateLimitBackoff(Policy):
 
     # --- the pipeline's fast path (resilient._policy) ------------------------------------
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc:
+        return self._key
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """The key's ticket when a request may leave now (see ``PauseStore.ready``): the key
-        itself for a key without a gate, else its :class:`_Sent`; SLOW otherwise (and
-        while metrics are recorded: ``__call__`` counts the call)."""
-        if _metrics.recorder is not None:
-            return SLOW
-        key = self._key(request)
+        itself for a key without a gate, else its :class:`_Sent`; SLOW otherwise."""
+        if key is None:
+            key = self._key(request)
         gate = self._gates.get(key)
         if (gate is not None or not self._gates_decide) and not self._ready(key, gate, request):
             return SLOW

@@ -260,17 +260,15 @@ class Retry(Policy):
             return resp
         return await _Call(self, request, handler, started, clock, resp).run()
 
-    def before(self, request: ClientRequest) -> Any:
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """The call's start (the ticket), the first attempt counted in the budget; SLOW
-        with an ``attempt_timeout`` (its clock wraps the attempt) or telemetry installed
-        (:func:`_metrics.counted` wraps the call)."""
-        if self._attempt_timeout is not None or _metrics.recorder is not None:
+        with an ``attempt_timeout`` (its clock wraps the attempt)."""
+        if self._attempt_timeout is not None:
             return SLOW
-        started = _clock.now_for(request)  # the pipeline marks the call before resume
-        balance = self._balance
+        balance = self._balance  # (the pipeline marks the call before resume)
         if balance is not None:
-            balance.deposit(started)
-        return started
+            balance.deposit(now)
+        return now
 
     def after(self, ticket: float, request: ClientRequest, outcome: Outcome) -> bool:
         """True when ``__call__`` would hand the first attempt's outcome on as it is (a

@@ -281,16 +281,17 @@ class Throttle(Policy):
 
     # --- the pipeline's fast path ---------------------------------------------------
 
-    def before(self, request: ClientRequest) -> Any:
+    def keyed_by(self) -> KeyFunc:
+        return self._key
+
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """The token and the quota place when both are there now (no waiter ahead, no
         round trip), else :data:`~resilient._policy.SLOW` with nothing taken. The ticket:
         None (nothing to do after the attempt), or ``(key, state, quota ticket, learned
         rate or None, its cuts)``."""
-        if _metrics.recorder is not None:
-            return SLOW
-        key = self._key(request)
+        if key is None:
+            key = self._key(request)
         state = self._get(key) or self._states.get_or_create(key)
-        now = _clock.now_for(request)
         if state.learned is not None:
             state.steer(now, self._min_rate)
         if state.waiters or state.take(now):

@@ -47,9 +47,9 @@ class Watched(CircuitBreaker):
         self.whole += 1
         return await super().__call__(request, handler)
 
-    def before(self, request):
+    def before(self, request, key, now):
         try:
-            ticket = super().before(request)
+            ticket = super().before(request, key, now)
         except CircuitOpenError:
             self.refused += 1
             raise

@@ -16,7 +16,6 @@ from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
 import resilient
 from resilient import RateLimitBackoff, RateLimited
 from resilient._policy import SLOW, Outcome
-from resilient.observe import _metrics
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,8 +36,8 @@ class Counted(RateLimitBackoff):
         self.whole += 1
         return await super().__call__(request, handler)
 
-    def before(self, request: ClientRequest) -> Any:
-        ticket = super().before(request)
+    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
+        ticket = super().before(request, key, now)
         self.fast += ticket is not SLOW
         return ticket
 
@@ -183,28 +182,6 @@ async def test_an_exhausted_advertised_limit_read_on_the_fast_path_pauses_the_ne
     first, second = server.arrivals
     assert second.time - first.time >= 5.0
     assert (policy.fast, policy.whole) == (1, 1)
-
-
-def test_metrics_being_recorded_run_the_policy_whole(server):
-    """With a metrics backend installed, ``__call__`` counts the call: no ticket."""
-
-    class Quiet:
-        def request(self, *args: object) -> None: ...
-        def wait_started(self, *args: object) -> None: ...
-        def wait_ended(self, *args: object) -> None: ...
-        def attempt_started(self) -> object:
-            return None
-
-        def attempt_ended(self, *args: object) -> None: ...
-
-    policy = RateLimitBackoff()
-    request: Any = object()  # before() reads nothing of it while metrics are recorded
-    saved = _metrics.recorder
-    _metrics.recorder = Quiet()  # type: ignore[assignment]
-    try:
-        assert policy.before(request) is SLOW
-    finally:
-        _metrics.recorder = saved
 
 
 # --- the same behaviour, whole or on the fast path -------------------------------------

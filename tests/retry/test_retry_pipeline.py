@@ -36,8 +36,8 @@ class Watched(Retry):
         self.whole += 1
         return await super().__call__(request, handler)
 
-    def before(self, request):
-        ticket = super().before(request)
+    def before(self, request, key, now):
+        ticket = super().before(request, key, now)
         if ticket is not SLOW:
             self.tickets += 1
         return ticket
