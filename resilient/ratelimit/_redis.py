@@ -34,6 +34,11 @@ and its departure slots live in Redis too, so every process paces the key togeth
   pause and, for a paced key, reserves the caller's departure slot (``go`` in ``wait``
   seconds, or ``late``: beyond what the caller may wait, nothing reserved); a key found
   neither paused nor paced is trusted for :data:`HEALTHY_LEASE` seconds (no round trip);
+- ``peek``, the same look reserving nothing, renews that lease in the background: a caller
+  that finds less than :data:`RENEW_AHEAD` seconds of it left sends one (one at a time per
+  key), so while the key stays healthy and busy no caller waits for Redis. The lease is
+  the token of the key's state: an answer renews only the lease it was asked under, so a
+  late ``open`` never overwrites a newer state (a pause, a cut, a paced answer);
 - ``depart``: a slot after a pause (the probe has answered);
 - a 429 cuts the rate (``cut``, in the background; once per round, by the cuts its request
   was sent after); answers that are not 429s are counted in batches (``accepted``); the
@@ -70,6 +75,7 @@ __all__ = [
     "HEALTHY_LEASE",
     "PROBE_LEASE",
     "PROBE_POLL",
+    "RENEW_AHEAD",
     "UNRELEASED_KEYS",
     "Admission",
     "RedisPause",
@@ -89,6 +95,10 @@ ACCEPTED_FLUSH = 0.1
 HEALTHY_LEASE = 0.1
 """Seconds an ``admit`` answer "neither paused nor paced" is trusted without asking again:
 a pause begun by another process is seen at most this late (its own 429s are seen at once)."""
+RENEW_AHEAD = 0.025
+"""Seconds before a healthy key's lease ends that its next caller renews it (a ``peek`` in
+the background): a reply within this time keeps the key known healthy without a gap. A
+busy key's lease is renewed about every ``HEALTHY_LEASE - RENEW_AHEAD`` seconds."""
 HEALTHY_KEYS = 4096
 """Keys known healthy at once (the bound of the local mirror)."""
 
@@ -112,6 +122,19 @@ class Admission(NamedTuple):
 _OPEN = Admission("open", 0.0)
 
 
+class _Lease:
+    """What this process knows of a key's health: known neither paused nor paced until
+    loop time ``until`` (0.0: not known); ``renewing``: a ``peek`` is on its way. The
+    object is the token of the key's state: an answer asked under it applies only while
+    it is still the key's lease (anything newer replaces or removes it)."""
+
+    __slots__ = ("renewing", "until")
+
+    def __init__(self, until: float = 0.0) -> None:
+        self.until = until
+        self.renewing = False
+
+
 class SharedPause:
     """The Redis side of every key's pause for one :class:`~resilient.RateLimitBackoff`.
 
@@ -124,7 +147,6 @@ class SharedPause:
         "_flusher",
         "_healthy",
         "_held",
-        "_news",
         "_on_error",
         "_store",
         "_tasks",
@@ -142,10 +164,8 @@ class SharedPause:
         self._accepted: dict[str, int] = {}
         """key -> answers not yet counted in the key's shared rate (see ``accepted``)."""
         self._flusher: asyncio.Task[None] | None = None
-        self._healthy: dict[str, float] = {}
-        """key -> loop time until which it is known neither paused nor paced."""
-        self._news = 0
-        """Pauses and cuts made here so far (an ``open`` answer older than one is stale)."""
+        self._healthy: dict[str, _Lease] = {}
+        """key -> its lease (see :class:`_Lease`)."""
 
     async def pause(self, key: str, delay: float, *, probe: bool = False) -> float:
         """Pause ``key`` for ``delay`` seconds at least; the seconds the shared pause lasts.
@@ -194,22 +214,34 @@ class SharedPause:
 
         No round trip while the key is known healthy: an ``open`` answer (neither paused
         nor paced) is trusted for :data:`HEALTHY_LEASE` seconds from when it was asked,
-        unless this process pauses or cuts the key meanwhile."""
+        unless this process learns a newer state of the key meanwhile (see :class:`_Lease`)."""
         now = _clock.now()
         if self.healthy(key, now):
             return _OPEN
-        news = self._news
+        lease = self._lease(key)
         admission = await self._admission("admit", key, ceiling, max_wait)
-        if admission.verdict == "open" and news == self._news:
-            self._trust(key, now + HEALTHY_LEASE)
+        if admission.verdict == "open":
+            if self._healthy.get(key) is lease:  # a fresh token: no renewal is asked under it
+                self._healthy[key] = _Lease(now + HEALTHY_LEASE)
         else:
-            self._healthy.pop(key, None)
+            self._forget(key, lease)
         return admission
 
     def healthy(self, key: str, now: float) -> bool:
         """Whether ``key`` is known neither paused nor paced at loop time ``now`` (the
-        lease of an ``open`` answer: :meth:`admit` would answer it without a round trip)."""
-        return self._healthy.get(key, 0.0) > now
+        lease of an ``open`` answer: :meth:`admit` would answer it without a round trip).
+        With less than :data:`RENEW_AHEAD` seconds of the lease left, it is renewed in the
+        background (:meth:`_renew`)."""
+        lease = self._healthy.get(key)
+        if lease is None:
+            return False
+        left = lease.until - now
+        if left <= 0.0:
+            return False
+        if left < RENEW_AHEAD and not lease.renewing:
+            lease.renewing = True
+            self._background(self._renew(key, lease))
+        return True
 
     async def depart(self, key: str, ceiling: float, max_wait: float) -> Admission:
         """A departure slot of paced ``key`` after a pause (``open``: not paced)."""
@@ -248,23 +280,53 @@ class SharedPause:
     def _release(self, key: str, token: str) -> None:
         self._background(self._free(key, token))
 
-    def _trust(self, key: str, until: float) -> None:
-        """``key`` is healthy until loop time ``until`` (at most :data:`HEALTHY_KEYS` keys:
-        expired ones go first, then the oldest)."""
+    def _lease(self, key: str) -> _Lease:
+        """``key``'s lease, created unknown (the token an ``admit`` is asked under); at most
+        :data:`HEALTHY_KEYS` keys: expired ones go first, then the oldest (an answer to a
+        lease gone is not applied)."""
         healthy = self._healthy
-        if len(healthy) >= HEALTHY_KEYS and key not in healthy:
+        lease = healthy.get(key)
+        if lease is not None:
+            return lease
+        if len(healthy) >= HEALTHY_KEYS:
             now = _clock.now()
-            for name in [name for name, end in healthy.items() if end <= now]:
+            for name in [name for name, held in healthy.items() if held.until <= now]:
                 del healthy[name]
             if len(healthy) >= HEALTHY_KEYS:
                 del healthy[next(iter(healthy))]
-        healthy[key] = until
+        lease = healthy[key] = _Lease()
+        return lease
+
+    def _forget(self, key: str, lease: _Lease) -> None:
+        """An answer asked under ``lease`` found ``key`` paused or paced: not healthy (if
+        ``lease`` is still its lease; a newer one knows better)."""
+        if self._healthy.get(key) is lease:
+            del self._healthy[key]
 
     def _distrust(self, key: str) -> None:
         """A 429 of ``key`` here: ask Redis again from now on (and do not trust an answer
-        that was on its way meanwhile)."""
-        self._news += 1
+        that was on its way meanwhile: its lease is gone)."""
         self._healthy.pop(key, None)
+
+    async def _renew(self, key: str, lease: _Lease) -> None:
+        """Renew ``lease`` (in the background): ``peek`` at ``key`` (nothing reserved);
+        ``open`` extends it to :data:`HEALTHY_LEASE` seconds from when it was asked, any
+        other answer ends it (the next caller asks with ``admit``); applied only while it
+        is still the key's lease. A failure leaves it to run out."""
+        asked = _clock.now()
+        try:
+            healthy = await self._store.run(
+                "ratelimit/rate", [_keys(key), _rate_key(key)], ["peek", "", "", 0], _is_open
+            )
+        except StorageError as exc:
+            self._store.warn(KIND, exc, _clock.now(), "the key's next caller asks Redis")
+            return
+        finally:
+            lease.renewing = False
+        if not healthy:
+            self._forget(key, lease)
+        elif self._healthy.get(key) is lease:
+            lease.until = max(lease.until, asked + HEALTHY_LEASE)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -352,8 +414,9 @@ class RedisPause:
     probe claim, rate and departure slots in Redis through ``remote``.
 
     A request leaves without a round trip while the key is known healthy (its
-    ``HEALTHY_LEASE``) and not paused or paced here; else ``enter`` asks Redis (one
-    round trip: the pause, or a departure slot). 429s and answers reach Redis in the
+    ``HEALTHY_LEASE``, renewed in the background while the key is busy) and not paused
+    or paced here; else ``enter`` asks Redis (one round trip: the pause, or a departure
+    slot). 429s and answers reach Redis in the
     background. With ``on_storage_error="allow"`` a failing Redis leaves the local gate
     alone in charge (``SharedPause``'s fallback)."""
 
@@ -486,6 +549,14 @@ def _parse_admission(reply: Any) -> Admission:
     if not 0.0 < rate < math.inf:
         raise ValueError(rate)
     return Admission(verdict, seconds(reply[1], MAX_PAUSE), int(text(reply[2])), rate)  # type: ignore[arg-type]
+
+
+def _is_open(reply: Any) -> bool:
+    """A ``peek`` reply: True if the key is neither paused nor paced."""
+    verdict = text(reply[0])
+    if verdict not in ("paused", "open", "paced"):
+        raise ValueError(verdict)
+    return verdict == "open"
 
 
 def _ignore(reply: Any) -> None:

@@ -12,6 +12,9 @@
 --                          {'go', wait, cuts, rate} (a departure slot is ours: leave in
 --                          wait s) | {'late', wait, cuts, rate} (nothing reserved)
 --   depart x = max wait -> as admit, without reading the pause
+--   peek                -> as admit, reserving nothing (a healthy key's lease renewed in
+--                          the background): {'paused', s} | {'open', 0, cuts} |
+--                          {'paced', 0, cuts, rate}; writes nothing
 --   cut    x = cuts the 429's request was sent after -> {cuts, rate}; a 429 to a
 --                          request sent before the last cut is the same signal
 --   accepted x = n      -> n answers that were not 429 (batched by each process)
@@ -127,10 +130,19 @@ local function depart()
   return {'go', string.format('%.17g', wait), tostring(num('cuts')), string.format('%.17g', current)}
 end
 
-if op == 'admit' then
+local function paused()
   local untl = tonumber(redis.call('HGET', KEYS[1], 'until') or '-1')
   if untl >= 0 then return {'paused', string.format('%.17g', math.max(0, untl - now))} end
-  return depart()
+  return nil
+end
+
+if op == 'admit' then
+  return paused() or depart()
+elseif op == 'peek' then
+  local found = paused()
+  if found then return found end
+  if not r.start then return {'open', '0', tostring(num('cuts'))} end
+  return {'paced', '0', tostring(num('cuts')), string.format('%.17g', rate())}
 elseif op == 'depart' then
   return depart()
 elseif op == 'cut' then
