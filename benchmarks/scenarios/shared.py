@@ -21,6 +21,8 @@ c. Round trips per request on the caller's path, for Throttle(quotas), RateLimit
    :data:`DELAY` s (``benchmarks/_delay_proxy.py``), calls timed one by one as in a;
    (µs on Redis − µs in memory) / µs of one PING through the proxy. Redis scripts/req:
    every script Redis ran during those calls (background sends included), per call.
+   Callers waiting: the share of calls that took at least one proxy delay (each waited
+   for Redis; the median above does not show a round trip that 1 caller in 16 pays).
 """
 
 from __future__ import annotations
@@ -248,16 +250,19 @@ async def _shutdown(policies: tuple[Any, ...]) -> None:
                 await store.close()
 
 
-async def _timed_calls(handler: ClientHandlerType, req: ClientRequest, n: int) -> float:
-    """Median µs of ``n`` sequential calls, each timed alone; background work between
-    them is given a few proxy delays, untimed."""
+async def _timed_calls(
+    handler: ClientHandlerType, req: ClientRequest, n: int
+) -> tuple[float, float]:
+    """Median µs of ``n`` sequential calls, each timed alone, and the share of them that
+    took at least one proxy delay (waited for Redis); background work between them is
+    given a few proxy delays, untimed."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         await handler(req)
         times.append(time.perf_counter() - t0)
         await asyncio.sleep(3 * DELAY)
-    return statistics.median(times) * 1e6
+    return statistics.median(times) * 1e6, sum(t >= DELAY for t in times) / n
 
 
 async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
@@ -291,15 +296,16 @@ async def _trips(redis_port: int, progress: Progress) -> list[dict[str, Any]]:
                 on_redis = build_client_middlewares(bare, shared[name])
                 await _timed_calls(on_memory, req, 5)  # warm-up: connections, scripts
                 await _timed_calls(on_redis, req, 5)
-                mem = await _timed_calls(on_memory, req, TRIP_CALLS)
+                mem, _ = await _timed_calls(on_memory, req, TRIP_CALLS)
                 before = await _commands(direct)
-                red = await _timed_calls(on_redis, req, TRIP_CALLS)
+                red, waiting = await _timed_calls(on_redis, req, TRIP_CALLS)
                 after = await _commands(direct)
                 rows.append({
                     "variant": f"round trips per request: {name}",
                     "µs/req": red,
                     "round trips": (red - mem) / ping,
                     "Redis scripts/req": (after[1] - before[1]) / TRIP_CALLS,
+                    "callers waiting": waiting,
                 })  # fmt: skip
         finally:
             for policies in shared.values():
@@ -420,6 +426,7 @@ COLUMNS = [
     "µs/req",
     "round trips",
     "Redis scripts/req",
+    "callers waiting",
     "ok",
     "failed",
     "429s received",
@@ -516,6 +523,10 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
                 f"{DELAY * 1e3:g} ms to every Redis reply: "
                 + ", ".join(
                     f"{r['variant'].split(': ')[1]} {r['round trips']:.2f}" for r in trips[1:]
+                )
+                + "; callers waiting for Redis: "
+                + ", ".join(
+                    f"{r['variant'].split(': ')[1]} {r['callers waiting']:.0%}" for r in trips[1:]
                 ),
             ),
             Target(
