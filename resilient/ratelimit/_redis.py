@@ -273,7 +273,8 @@ class SharedPause:
             self._release(key, token)
 
     async def drain(self) -> None:
-        """Wait until the background work (opens, releases) is done (tests, shutdown)."""
+        """Wait until the background work (opens, releases, lease renewals) is done (tests,
+        shutdown); each piece ends within the storage timeout."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -416,9 +417,9 @@ class RedisPause:
     A request leaves without a round trip while the key is known healthy (its
     ``HEALTHY_LEASE``, renewed in the background while the key is busy) and not paused
     or paced here; else ``enter`` asks Redis (one round trip: the pause, or a departure
-    slot). 429s and answers reach Redis in the
-    background. With ``on_storage_error="allow"`` a failing Redis leaves the local gate
-    alone in charge (``SharedPause``'s fallback)."""
+    slot). 429s and answers reach Redis in the background. With
+    ``on_storage_error="allow"`` a failing Redis leaves the local gate alone in charge
+    (``SharedPause``'s fallback)."""
 
     __slots__ = ("gates", "remote")
 
