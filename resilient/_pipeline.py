@@ -11,9 +11,10 @@ chain costs one frame:
    exception is the outcome) or answers ``SLOW`` (that policy runs whole, as an
    ordinary middleware, around the pipeline of the policies inside it);
 2. the attempt: aiohttp's handler (or the slow policy);
-3. ``after`` of each policy that gave a ticket, innermost first, on the outcome; one
-   that answers ``False`` takes the call over with ``resume`` (around the pipeline of
-   the policies inside it), and its result is the outcome the outer ones see.
+3. ``after`` of each policy that gave a ticket (not ``None``), innermost first, on the
+   outcome; one that answers ``False`` takes the call over with ``resume`` (around the
+   pipeline of the policies inside it), and its result is the outcome the outer ones
+   see.
 
 The call's clock and key: the pipeline reads the time once, as the call enters, hands it
 to every ``before`` and marks the call with it (``_deadline.mark_start``) before any
@@ -88,7 +89,7 @@ class Pipeline:
             i -= 1
             policy = policies[i]
             ticket = tickets.pop()
-            if not policy.after(ticket, request, outcome):
+            if ticket is not None and not policy.after(ticket, request, outcome):
                 _deadline.mark_start(request, now)
                 try:
                     outcome = await policy.resume(

@@ -8,7 +8,8 @@ The fast path (Polly's shape: before the attempt, the attempt, the outcome):
   policy keyed by the same function), or ``None`` when the pipeline did not compute it
   (the policy then does); ``now`` is the call's clock reading as it entered the pipeline.
   Return a *ticket* (what the attempt holds: a probe slot, a concurrency slot, a start
-  time; ``None`` when nothing), raise to refuse the call (the exception is the outcome
+  time; ``None`` when nothing is held and nothing is to be done after the attempt: the
+  pipeline then does not call ``after``), raise to refuse the call (the exception is the outcome
   the outer policies see), or return :data:`SLOW` when deciding needs a wait: the
   pipeline then runs the policy as an ordinary middleware, ``await policy(request,
   rest)``, for this call.

@@ -256,7 +256,8 @@ class Hedge(Policy):
 
     def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """A request it never hedges (not :func:`hedgeable`) goes once, untouched: its
-        ticket is None (nothing held, no latency recorded, as in ``__call__``); any
+        ticket is None (nothing held, no latency recorded, as in ``__call__``; the pipeline
+        calls no ``after`` for it); any
         other is :data:`SLOW` (the race needs a task)."""
         if hedgeable(request):
             return SLOW

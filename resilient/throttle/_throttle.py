@@ -287,8 +287,8 @@ class Throttle(Policy):
     def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
         """The token and the quota place when both are there now (no waiter ahead, no
         round trip), else :data:`~resilient._policy.SLOW` with nothing taken. The ticket:
-        None (nothing to do after the attempt), or ``(key, state, quota ticket, learned
-        rate or None, its cuts)``."""
+        None (nothing to do after the attempt: ``after`` is not called), or ``(key,
+        state, quota ticket, learned rate or None, its cuts)``."""
         if key is None:
             key = self._key(request)
         state = self._get(key) or self._states.get_or_create(key)
@@ -315,8 +315,6 @@ class Throttle(Policy):
     def after(self, ticket: Any, request: ClientRequest, outcome: Outcome) -> bool:
         """What ``__call__`` does once its attempt has ended: the adaptive rate learns
         from a response, the request lands. The outcome always stands (``True``)."""
-        if ticket is None:
-            return True
         key, state, boarded, learned, cuts = ticket
         if learned is not None and isinstance(outcome, ClientResponse):
             self._adapt(state, learned, cuts, outcome.status)
