@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from required import missing
 
 from benchmarks import __main__ as cli
 from benchmarks._harness import Config, Progress, ScenarioResult, percentile
@@ -255,3 +257,19 @@ def test_overload_reports_both_phases_of_every_client_and_the_adaptive_decision(
     limited = [r for r in result.rows if r["client"].startswith("ConcurrencyLimit(16, max_queue=0")]
     assert all(r["503 at server"] == 0 for r in limited)  # never more than 16 < 4 × W sent
     assert result.targets[-1].name.startswith("adaptive limit")
+
+
+@pytest.mark.timeout(600)
+def test_instructions_counts_more_instructions_per_request_through_the_chain() -> None:
+    """valgrind counts each client's instructions; the chain executes more per request
+    than raw aiohttp (a broken difference, e.g. the warm-up not cancelling out or counts
+    not parsed, would not)."""
+    if shutil.which("valgrind") is None:
+        missing("valgrind is not installed (apt-get install valgrind)")
+    rows = rows_by_client(run("instructions"))
+    assert set(rows) >= {"aiohttp", "resilient", "aiohttp-retry"}
+    for c in (1, 50):
+        assert rows["aiohttp"][f"×aiohttp c={c}"] == 1.0
+        raw = rows["aiohttp"][f"instructions/req c={c}"]
+        assert raw > 50_000  # type: ignore[operator]  # a request through aiohttp's client
+        assert rows["resilient"][f"instructions/req c={c}"] > raw  # type: ignore[operator]

@@ -10,6 +10,7 @@ from . import (
     day,
     flaky,
     inprocess,
+    instructions,
     outage,
     overhead,
     overload,
@@ -26,6 +27,7 @@ SCENARIOS: dict[str, ModuleType] = {
     for module in (
         overhead,
         inprocess,
+        instructions,
         quota,
         storm,
         flaky,

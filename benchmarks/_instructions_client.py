@@ -1,0 +1,39 @@
+"""One client of the ``instructions`` scenario, run as its own process (under valgrind).
+
+``python -m benchmarks._instructions_client LABEL COUNT CONCURRENCY URL``: the client that
+``benchmarks._clients.make_clients`` names ``LABEL`` (or the 4 no-op middlewares one)
+makes ``COUNT`` GETs of ``URL`` with ``CONCURRENCY`` workers, after a warm-up of
+``2 x CONCURRENCY`` calls, and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from functools import partial
+
+from ._clients import Client, PassthroughClient, make_clients, timed
+from ._harness import gather_calls
+
+
+def client_named(label: str) -> Client:
+    """A fresh client of ``label`` (a name of :func:`make_clients`, or the no-op one)."""
+    if label == PassthroughClient.name:
+        return PassthroughClient()
+    for spec in make_clients():
+        if spec.label == label:
+            return spec.factory()
+    raise ValueError(f"no benchmark client is named {label!r}")
+
+
+async def main(label: str, count: int, concurrency: int, url: str) -> int:
+    async with client_named(label) as client:
+        call = partial(timed, client, "GET", url)
+        await gather_calls(call, 2 * concurrency, concurrency)
+        outcomes = await gather_calls(call, count, concurrency)
+    return 1 if any(not o.ok for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    label, count, concurrency, url = sys.argv[1:5]
+    sys.exit(asyncio.run(main(label, int(count), int(concurrency), url)))
