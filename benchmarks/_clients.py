@@ -54,6 +54,9 @@ ATTEMPTS = 4
 """Attempts (first try included) of the tenacity and naive loops, as resilient's Retry."""
 NAIVE_SLEEP = 1.0
 HEADERS = {"X-Business": BUSINESS}
+PLAIN = "resilient chain on ClientSession"
+"""Label of resilient's chain on a plain ``aiohttp.ClientSession`` (no ``session()``
+timeouts): ``ResilientOptions(plain_session=True)``."""
 
 
 def _retryable(status: int) -> bool:

@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._clients import PassthroughClient
+from .._clients import PLAIN, PassthroughClient
 from .._harness import Config, Progress, ScenarioResult, ServerProcess, Target
 
 NAME = "instructions"
 TITLE = "1c. CPU instructions per request (valgrind), nothing failing"
 PATH = "/contacts/1"
 CONCURRENCY = (1, 50)
-CLIENTS = ("aiohttp", PassthroughClient.name, "resilient", "aiohttp-retry", "tenacity")
+CLIENTS = ("aiohttp", PassthroughClient.name, "resilient", PLAIN, "aiohttp-retry", "tenacity")
 CHAIN_TARGET = 1.03
 """Issue 15: the full chain at 50 concurrent, x raw aiohttp (here: instructions)."""
 RUN_LIMIT = 600.0
@@ -135,7 +135,8 @@ def run(cfg: Config, progress: Progress) -> ScenarioResult:
             f"GET {PATH} on a SimulatedAPI (no quota, no faults) in a separate process; each "
             f"client in its own process under valgrind --tool=cachegrind, {small} and "
             f"{large} requests (after 2 x concurrency warm-up calls); instructions per "
-            "request = the difference / the difference in requests. Clients as in 1."
+            "request = the difference / the difference in requests. Clients as in 1 "
+            f"('{PLAIN}': the chain without session()'s timeouts)."
         ),
         columns=list(rows[0]),
         rows=rows,

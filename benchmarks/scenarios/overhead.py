@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from .._clients import (
+    PLAIN,
     Client,
     ClientSpec,
     PassthroughClient,
@@ -40,7 +41,6 @@ CONCURRENCY = (1, 50)
 PATH = "/contacts/1"
 CPU_TARGET = 1.03
 """Issue 15: the full chain at 50 concurrent, client CPU x raw aiohttp."""
-PLAIN = "resilient chain on ClientSession"
 
 
 def _specs() -> list[ClientSpec]:
