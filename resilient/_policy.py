@@ -9,10 +9,10 @@ The fast path (Polly's shape: before the attempt, the attempt, the outcome):
   (the policy then does); ``now`` is the call's clock reading as it entered the pipeline.
   Return a *ticket* (what the attempt holds: a probe slot, a concurrency slot, a start
   time; ``None`` when nothing is held and nothing is to be done after the attempt: the
-  pipeline then does not call ``after``), raise to refuse the call (the exception is the outcome
-  the outer policies see), or return :data:`SLOW` when deciding needs a wait: the
-  pipeline then runs the policy as an ordinary middleware, ``await policy(request,
-  rest)``, for this call.
+  pipeline then does not call ``after``), raise to refuse the call (the exception is
+  the outcome the outer policies see), or return :data:`SLOW` when deciding needs a
+  wait: the pipeline then runs the policy as an ordinary middleware, ``await
+  policy(request, rest)``, for this call.
 - ``after(ticket, request, outcome)``: record the outcome (a ``ClientResponse`` or the
   exception the attempt raised) and hand back what the ticket holds. Return ``True``
   when the outcome stands, ``False`` to take the call over: the pipeline then awaits
