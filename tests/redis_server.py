@@ -11,7 +11,7 @@ from required import missing
 
 from resilient.testing import RedisServer, find_redis_server
 
-__all__ = ["new_redis_server"]
+__all__ = ["evalsha_calls", "new_redis_server"]
 
 
 def new_redis_server() -> RedisServer:
@@ -20,3 +20,16 @@ def new_redis_server() -> RedisServer:
     if binary is None:
         missing("redis-server not found (Debian: apt-get install redis-server)")
     return RedisServer(binary)
+
+
+async def evalsha_calls(url: str) -> int:
+    """Scripts the Redis at ``url`` has run (``INFO commandstats``), over a connection of
+    its own."""
+    import redis.asyncio  # the redis extra: only Redis tests call this
+
+    direct = redis.asyncio.Redis.from_url(url)
+    try:
+        stats = await direct.info("commandstats")
+    finally:
+        await direct.aclose()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))

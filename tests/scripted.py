@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 import resilient
 from resilient import Event
+from resilient._policy import SLOW
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -97,3 +100,39 @@ def telemetry() -> Iterator[Callable[[], Counted]]:
     finally:
         uninstrument()
         provider.shutdown()
+
+
+class Watched:
+    """Mixed in before a policy (``class Watched(scripted.Watched, Throttle)``): counts
+    how the pipeline ran it: ``whole`` (``__call__``), ``tickets`` (``before`` gave one),
+    ``refused`` (``before`` raised), ``resumed`` (a first outcome handed to ``resume``)."""
+
+    whole = tickets = refused = resumed = 0
+
+    async def __call__(self, request: Any, handler: Any) -> Any:
+        self.whole += 1
+        return await super().__call__(request, handler)  # type: ignore[misc]
+
+    def before(self, request: Any, key: str | None, now: float) -> Any:
+        try:
+            ticket = super().before(request, key, now)  # type: ignore[misc]
+        except Exception:
+            self.refused += 1
+            raise
+        if ticket is not SLOW:
+            self.tickets += 1
+        return ticket
+
+    async def resume(self, ticket: Any, request: Any, rest: Any, outcome: Any) -> Any:
+        self.resumed += 1
+        return await super().resume(ticket, request, rest, outcome)  # type: ignore[misc]
+
+
+async def status_of(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
+    """The status of one GET, or the name of the exception it raised."""
+    try:
+        async with client.get(url, middlewares=middlewares) as resp:
+            await resp.read()
+            return resp.status
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__

@@ -11,13 +11,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio
+import scripted
 from aiohttp import web
-from scripted import drop_connection, facts, held, ms, telemetry, until
+from redis_server import evalsha_calls
+from scripted import drop_connection, facts, held, ms, status_of, telemetry, until
 
 import resilient
 from resilient import CircuitBreaker, CircuitOpenError
-from resilient._policy import SLOW
 from resilient.breaker import _redis
 
 pytestmark = pytest.mark.timeout(30)
@@ -26,9 +26,9 @@ Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_FOR = 30.0
 
 
-class Watched(CircuitBreaker):
-    """A breaker that counts how the pipeline ran it: whole (``__call__``), admitted on
-    the fast path (``before`` gave a ticket), refused there (``before`` raised)."""
+class Watched(scripted.Watched, CircuitBreaker):
+    """A breaker that counts how the pipeline ran it (``scripted.Watched``), with this
+    file's rules unless told otherwise."""
 
     def __init__(self, **options: Any) -> None:
         options = {
@@ -41,31 +41,6 @@ class Watched(CircuitBreaker):
             **options,
         }
         super().__init__(**options)
-        self.whole = self.tickets = self.refused = 0
-
-    async def __call__(self, request, handler):
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request, key, now):
-        try:
-            ticket = super().before(request, key, now)
-        except CircuitOpenError:
-            self.refused += 1
-            raise
-        if ticket is not SLOW:
-            self.tickets += 1
-        return ticket
-
-
-async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
-    """The status of one GET, or the name of the exception it raised."""
-    try:
-        async with client.get(url, middlewares=middlewares) as resp:
-            await resp.read()
-            return resp.status
-    except aiohttp.ClientError as exc:
-        return type(exc).__name__
 
 
 async def refusal(client: aiohttp.ClientSession, url: str, middlewares: Any) -> CircuitOpenError:
@@ -78,7 +53,7 @@ async def trip(client: aiohttp.ClientSession, server: Any, cb: Watched) -> None:
     """Open ``cb`` for ``server`` with four 500s through the chain."""
     server.script("/trip", 500, 500, 500, 500)
     for _ in range(4):
-        assert await call(client, server.url + "/trip", resilient.chain(cb)) == 500
+        assert await status_of(client, server.url + "/trip", resilient.chain(cb)) == 500
     assert cb.state(server.url) == "open"
 
 
@@ -87,7 +62,7 @@ async def trip(client: aiohttp.ClientSession, server: Any, cb: Watched) -> None:
 
 async def test_a_success_is_admitted_and_counted_on_the_fast_path(server, client):
     cb = Watched()
-    assert await call(client, server.url + "/x", resilient.chain(cb)) == 200
+    assert await status_of(client, server.url + "/x", resilient.chain(cb)) == 200
     assert (cb.whole, cb.tickets, cb.refused) == (0, 1, 0)
     stats = cb.stats()[server.url]
     assert (stats.state, stats.calls, stats.failures) == ("closed", 1, 0)
@@ -96,18 +71,18 @@ async def test_a_success_is_admitted_and_counted_on_the_fast_path(server, client
 async def test_5xx_are_counted_on_the_fast_path_and_open_the_circuit(server, client):
     cb = Watched()
     server.script("/x", 200, 503, 404, 500)
-    statuses = [await call(client, server.url + "/x", resilient.chain(cb)) for _ in range(4)]
+    statuses = [await status_of(client, server.url + "/x", resilient.chain(cb)) for _ in range(4)]
     assert statuses == [200, 503, 404, 500]  # the 404 is a success: the host answered
     assert cb.whole == 0
     assert cb.state(server.url) == "open"
-    assert await call(client, server.url + "/x", resilient.chain(cb)) == "CircuitOpenError"
+    assert await status_of(client, server.url + "/x", resilient.chain(cb)) == "CircuitOpenError"
     assert server.count() == 4  # nothing sent while open
 
 
 async def test_a_dropped_connection_is_a_failure_on_the_fast_path(server, client):
     cb = Watched(consecutive_failures=1)
     server.script("/x", drop_connection)
-    outcome = await call(client, server.url + "/x", resilient.chain(cb))
+    outcome = await status_of(client, server.url + "/x", resilient.chain(cb))
     # aiohttp re-sends a request whose connection dropped (a new request through the
     # chain): the first failure opened the circuit, so the re-send is refused
     assert outcome == "CircuitOpenError"
@@ -121,9 +96,9 @@ async def test_an_error_of_an_inner_policy_is_not_an_outcome(server, client, gat
     cb = Watched(consecutive_failures=1)
     server.script("/held", held(gate))
     chain = resilient.chain(cb, limit)
-    first = asyncio.create_task(call(client, server.url + "/held", chain))
+    first = asyncio.create_task(status_of(client, server.url + "/held", chain))
     await until(lambda: server.count("/held") == 1)
-    assert await call(client, server.url + "/x", chain) == "LimitExceeded"
+    assert await status_of(client, server.url + "/x", chain) == "LimitExceeded"
     gate.set()
     assert await first == 200
     assert cb.whole == 0
@@ -147,7 +122,7 @@ async def test_an_attempt_abandoned_by_retrys_attempt_timeout_is_a_failure(serve
 async def test_a_cancelled_call_of_a_closed_circuit_counts_nothing(server, client, gate):
     cb = Watched()
     server.script("/held", held(gate, status=500))
-    flying = asyncio.create_task(call(client, server.url + "/held", resilient.chain(cb)))
+    flying = asyncio.create_task(status_of(client, server.url + "/held", resilient.chain(cb)))
     await until(lambda: server.count("/held") == 1)
     flying.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -226,7 +201,7 @@ async def test_a_probe_goes_through_the_fast_path_and_closes_the_circuit(
     await asyncio.sleep(OPEN_FOR)
     events.clear()
     server.script("/probe", held(gate))
-    probe = asyncio.create_task(call(client, server.url + "/probe", resilient.chain(cb)))
+    probe = asyncio.create_task(status_of(client, server.url + "/probe", resilient.chain(cb)))
     await until(lambda: server.count("/probe") == 1)
     assert cb.state(server.url) == "half_open"
     other = await refusal(client, server.url + "/x", resilient.chain(cb))  # its slot is taken
@@ -248,7 +223,7 @@ async def test_a_failed_probe_on_the_fast_path_opens_the_circuit_again(server, c
     await trip(client, server, cb)
     await asyncio.sleep(OPEN_FOR)
     server.script("/probe", 502)
-    assert await call(client, server.url + "/probe", resilient.chain(cb)) == 502
+    assert await status_of(client, server.url + "/probe", resilient.chain(cb)) == 502
     assert cb.state(server.url) == "open"
     caught = await refusal(client, server.url + "/x", resilient.chain(cb))
     assert caught.retry_after == pytest.approx(OPEN_FOR, abs=0.01)
@@ -261,14 +236,14 @@ async def test_a_probe_cancelled_mid_attempt_hands_its_slot_back(server, client,
     await trip(client, server, cb)
     await asyncio.sleep(OPEN_FOR)
     server.script("/probe", held(gate))
-    probe = asyncio.create_task(call(client, server.url + "/probe", resilient.chain(cb)))
+    probe = asyncio.create_task(status_of(client, server.url + "/probe", resilient.chain(cb)))
     await until(lambda: server.count("/probe") == 1)
     await refusal(client, server.url + "/x", resilient.chain(cb))  # the slot is held
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
     assert cb.stats()[server.url].probes == 0  # handed back, not counted
-    assert await call(client, server.url + "/x", resilient.chain(cb)) == 200  # the next probe
+    assert await status_of(client, server.url + "/x", resilient.chain(cb)) == 200  # the next probe
     assert cb.state(server.url) == "closed"
     assert cb.whole == 0
 
@@ -308,7 +283,7 @@ async def test_events_stats_and_requests_are_those_of_the_breaker_alone(server, 
             server.script(path, *replies)
             events.clear()
             before = len(server.arrivals)
-            outcome = await call(client, server.url + path, middlewares)
+            outcome = await status_of(client, server.url + path, middlewares)
             sent = [a.path for a in server.arrivals[before:]]
             seen.append((outcome, sent, facts(events)))
         assert seen[1] == seen[0], step
@@ -332,16 +307,6 @@ LEASE = 30.0
 so a call made after an answer "closed" is on the fast path."""
 
 
-async def _evalsha(url: str) -> int:
-    """Scripts Redis has run (``INFO commandstats``)."""
-    direct = redis.asyncio.Redis.from_url(url)
-    try:
-        stats = await direct.info("commandstats")
-    finally:
-        await direct.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_a_redis_breaker_admits_and_refuses_on_the_fast_path_while_it_knows_the_key(
     server, client, redis_url, monkeypatch
 ):
@@ -351,21 +316,21 @@ async def test_a_redis_breaker_admits_and_refuses_on_the_fast_path_while_it_know
     assert store is not None
     try:
         chain = resilient.chain(cb)
-        assert await call(client, server.url + "/x", chain) == 200
+        assert await status_of(client, server.url + "/x", chain) == 200
         assert (cb.whole, cb.tickets) == (1, 0)  # unknown: asked Redis (the slow path)
-        statuses = [await call(client, server.url + "/x", chain) for _ in range(20)]
+        statuses = [await status_of(client, server.url + "/x", chain) for _ in range(20)]
         assert statuses == [200] * 20
         assert (cb.whole, cb.tickets) == (1, 20)  # known closed (its lease): no round trip
         server.script("/x", 503, 503)
-        assert await call(client, server.url + "/x", chain) == 503
-        assert await call(client, server.url + "/x", chain) == 503
+        assert await status_of(client, server.url + "/x", chain) == 503
+        assert await status_of(client, server.url + "/x", chain) == 503
         await store.drain()
         assert cb.state(server.url) == "open"  # the mirror learnt the trip
-        scripts, whole, sent = await _evalsha(redis_url), cb.whole, server.count()
+        scripts, whole, sent = await evalsha_calls(redis_url), cb.whole, server.count()
         refused = [await refusal(client, server.url + "/x", chain) for _ in range(10)]
         assert {(e.key, round(e.retry_after)) for e in refused} == {(server.url, OPEN_FOR)}
         assert (cb.refused, cb.whole) == (10, whole)  # on the fast path
-        assert await _evalsha(redis_url) == scripts  # not one round trip
+        assert await evalsha_calls(redis_url) == scripts  # not one round trip
         assert server.count() == sent
         assert (await store.read(server.url))[0] == "open"  # what every process sees
     finally:
@@ -382,9 +347,9 @@ async def test_a_redis_breaker_counts_nothing_for_a_call_cancelled_on_the_fast_p
     assert store is not None
     try:
         chain = resilient.chain(cb)
-        assert await call(client, server.url + "/x", chain) == 200  # asked: known closed
+        assert await status_of(client, server.url + "/x", chain) == 200  # asked: known closed
         server.script("/held", held(gate, status=503))
-        flying = asyncio.create_task(call(client, server.url + "/held", chain))
+        flying = asyncio.create_task(status_of(client, server.url + "/held", chain))
         await until(lambda: server.count("/held") == 1)
         assert (cb.whole, cb.tickets) == (1, 1)  # the held call is on the fast path
         flying.cancel()
@@ -392,7 +357,7 @@ async def test_a_redis_breaker_counts_nothing_for_a_call_cancelled_on_the_fast_p
             await flying
         await store.drain()
         assert (await store.read(server.url))[0] == "closed"  # one failure would open it
-        assert await call(client, server.url + "/x", chain) == 200
+        assert await status_of(client, server.url + "/x", chain) == 200
     finally:
         await store.drain()
         await store.store.close()
@@ -404,6 +369,6 @@ async def test_a_redis_breaker_counts_nothing_for_a_call_cancelled_on_the_fast_p
 async def test_with_telemetry_the_breaker_runs_whole_and_the_call_is_counted_once(server, client):
     cb = Watched()
     with telemetry() as counted:
-        assert await call(client, server.url + "/x", resilient.chain(cb)) == 200
+        assert await status_of(client, server.url + "/x", resilient.chain(cb)) == 200
     assert (cb.whole, cb.tickets) == (2, 0)  # __call__, re-entered by the counting
     assert counted() == [("circuit_breaker", 200, 1)]

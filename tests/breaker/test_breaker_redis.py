@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_server import evalsha_calls
 
 from resilient import CircuitBreaker, CircuitOpenError
 from resilient.breaker._circuit import BUCKETS, NEVER, Circuit, Settings
@@ -47,15 +48,6 @@ def _request() -> Any:
     return SimpleNamespace(loop=asyncio.get_running_loop())
 
 
-async def _evalsha(url: str) -> int:
-    direct = redis.asyncio.Redis.from_url(url)
-    try:
-        stats = await direct.info("commandstats")
-    finally:
-        await direct.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def _call(breaker: CircuitBreaker, handler: Any) -> int | str:
     try:
         return int((await breaker(_request(), handler)).status)
@@ -67,11 +59,11 @@ async def test_a_key_known_closed_costs_no_round_trip_on_the_callers_path(redis_
     breaker = _breaker(redis_url)
     assert await _call(breaker, ok) == 200  # connected, script loaded, closed: leased
     await breaker._shared.drain()  # type: ignore[union-attr]
-    before = await _evalsha(redis_url)
+    before = await evalsha_calls(redis_url)
     assert [await _call(breaker, ok) for _ in range(200)] == [200] * 200
-    assert await _evalsha(redis_url) == before  # not one script on a caller's path
+    assert await evalsha_calls(redis_url) == before  # not one script on a caller's path
     await breaker._shared.drain()  # type: ignore[union-attr]
-    assert await _evalsha(redis_url) == before + 1  # the 200 successes, in one batch
+    assert await evalsha_calls(redis_url) == before + 1  # the 200 successes, in one batch
 
 
 async def test_a_busy_healthy_key_renews_its_lease_in_the_background(redis_url, monkeypatch):
@@ -105,11 +97,11 @@ async def test_a_failure_is_news_the_next_caller_waits_for_instead_of_asking(red
     breaker = _breaker(redis_url, consecutive_failures=2)
     assert await _call(breaker, ok) == 200
     await breaker._shared.drain()  # type: ignore[union-attr]
-    before = await _evalsha(redis_url)
+    before = await evalsha_calls(redis_url)
     assert await _call(breaker, down) == 503  # sent at once, in the background
     assert await _call(breaker, down) == 503  # waited for the first one's answer
     assert await _call(breaker, ok) == "CircuitOpenError"  # the trip, seen at once here
-    assert await _evalsha(redis_url) == before + 2  # the two failures, nothing else
+    assert await evalsha_calls(redis_url) == before + 2  # the two failures, nothing else
 
 
 async def test_an_open_key_is_refused_here_without_asking_redis(redis_url):
@@ -117,10 +109,10 @@ async def test_an_open_key_is_refused_here_without_asking_redis(redis_url):
     for _ in range(2):
         await _call(breaker, down)
     await breaker._shared.drain()  # type: ignore[union-attr]
-    before = await _evalsha(redis_url)
+    before = await evalsha_calls(redis_url)
     refused = [await _call(breaker, ok) for _ in range(100)]
     assert refused == ["CircuitOpenError"] * 100
-    assert await _evalsha(redis_url) == before
+    assert await evalsha_calls(redis_url) == before
 
 
 async def test_a_trip_by_another_process_is_seen_within_the_lease(redis_url):

@@ -11,35 +11,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+import scripted
 from aiohttp import web
 from scripted import delayed, held, telemetry, until
 
 import resilient
 from resilient import Hedge
-from resilient._policy import SLOW
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.looptime]
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Watched(Hedge):
-    """A Hedge that counts how the pipeline ran it: whole (``__call__``) or on the fast
-    path (``before`` gave a ticket)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.whole = self.tickets = 0
-
-    async def __call__(self, request, handler):
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request, key, now):
-        ticket = super().before(request, key, now)
-        if ticket is not SLOW:
-            self.tickets += 1
-        return ticket
+class Watched(scripted.Watched, Hedge):
+    """A Hedge that counts how the pipeline ran it (``scripted.Watched``)."""
 
 
 async def fetch(

@@ -7,56 +7,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import aiohttp
 import pytest
+import scripted
 from aiohttp import web
-from scripted import delayed, drop_connection, held, until
+from scripted import delayed, drop_connection, held, status_of, until
 
 import resilient
 from resilient import ConcurrencyLimit, LimitExceeded
 from resilient._pipeline import Pipeline
-from resilient._policy import SLOW
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.looptime]
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Watched(ConcurrencyLimit):
-    """A limit that counts how the pipeline ran it: whole (``__call__``) or with a slot
-    taken on the fast path (``before`` gave a ticket)."""
-
-    def __init__(self, *args: Any, **options: Any) -> None:
-        super().__init__(*args, **options)
-        self.whole = self.tickets = 0
-
-    async def __call__(self, request, handler):
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request, key, now):
-        ticket = super().before(request, key, now)
-        if ticket is not SLOW:
-            self.tickets += 1
-        return ticket
-
-
-async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
-    """The status of one GET, or the name of the exception it raised."""
-    try:
-        async with client.get(url, middlewares=middlewares) as resp:
-            await resp.read()
-            return resp.status
-    except aiohttp.ClientError as exc:
-        return type(exc).__name__
+class Watched(scripted.Watched, ConcurrencyLimit):
+    """A limit that counts how the pipeline ran it (``scripted.Watched``)."""
 
 
 async def test_a_free_slot_is_taken_and_handed_back_on_the_fast_path(server, client):
     limit = Watched(2)
     server.script("/x", delayed(0.5))
-    flying = asyncio.create_task(call(client, server.url + "/x", resilient.chain(limit)))
+    flying = asyncio.create_task(status_of(client, server.url + "/x", resilient.chain(limit)))
     await until(lambda: server.count("/x") == 1)
     assert limit.in_flight(server.url) == 1  # held while on the wire
     assert await flying == 200
@@ -70,10 +43,10 @@ async def test_a_5xx_or_an_exception_hands_the_slot_back(server, client):
     limit = Watched(1)
     server.script("/x", 503, drop_connection, drop_connection)  # aiohttp re-sends once
     chain = resilient.chain(limit)
-    assert await call(client, server.url + "/x", chain) == 503
-    assert await call(client, server.url + "/x", chain) == "ServerDisconnectedError"
+    assert await status_of(client, server.url + "/x", chain) == 503
+    assert await status_of(client, server.url + "/x", chain) == "ServerDisconnectedError"
     assert limit.in_flight(server.url) == 0
-    assert await call(client, server.url + "/x", chain) == 200
+    assert await status_of(client, server.url + "/x", chain) == 200
     assert limit.whole == 0
 
 
@@ -81,14 +54,14 @@ async def test_a_call_cancelled_mid_attempt_hands_its_slot_back(server, client, 
     limit = Watched(1, max_queue=0)
     server.script("/held", held(gate))
     chain = resilient.chain(limit)
-    flying = asyncio.create_task(call(client, server.url + "/held", chain))
+    flying = asyncio.create_task(status_of(client, server.url + "/held", chain))
     await until(lambda: server.count("/held") == 1)
-    assert await call(client, server.url + "/x", chain) == "LimitExceeded"  # the slot is held
+    assert await status_of(client, server.url + "/x", chain) == "LimitExceeded"  # the slot is held
     flying.cancel()
     with pytest.raises(asyncio.CancelledError):
         await flying
     assert limit.in_flight(server.url) == 0
-    assert await call(client, server.url + "/x", chain) == 200
+    assert await status_of(client, server.url + "/x", chain) == 200
     assert limit.tickets == 2
 
 
@@ -100,9 +73,9 @@ async def test_a_caller_that_must_queue_runs_the_limit_whole_and_gets_the_slot_h
     chain = resilient.chain(limit)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    first = asyncio.create_task(call(client, server.url + "/first", chain))
+    first = asyncio.create_task(status_of(client, server.url + "/first", chain))
     await until(lambda: server.count("/first") == 1)
-    second = asyncio.create_task(call(client, server.url + "/second", chain))
+    second = asyncio.create_task(status_of(client, server.url + "/second", chain))
     await until(lambda: limit.waiting(server.url) == 1)
     assert await first == 200
     assert await second == 200
@@ -117,7 +90,7 @@ async def test_a_refusal_is_that_of_the_limit_alone(server, client, gate, events
         limit = Watched(1, max_queue=0)
         server.script("/held", held(gate))
         chain = middlewares_of(limit)
-        flying = asyncio.create_task(call(client, server.url + "/held", chain))
+        flying = asyncio.create_task(status_of(client, server.url + "/held", chain))
         await until(lambda lim=limit: lim.in_flight(server.url) == 1)
         events.clear()
         with pytest.raises(LimitExceeded) as caught:
@@ -139,7 +112,7 @@ async def test_the_slot_is_held_while_an_inner_policy_resends(server, client):
     limit = Watched(1)
     retry = resilient.Retry(backoff=lambda attempt: 0.5)
     server.script("/x", 503, 200)
-    assert await call(client, server.url + "/x", (Pipeline([limit, retry]),)) == 200
+    assert await status_of(client, server.url + "/x", (Pipeline([limit, retry]),)) == 200
     assert server.count("/x") == 2
     assert limit.tickets == 1
     assert limit.in_flight(server.url) == 0

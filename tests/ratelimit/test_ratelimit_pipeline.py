@@ -11,41 +11,20 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, web
+import scripted
+from aiohttp import web
+from redis_server import evalsha_calls
 
 import resilient
 from resilient import RateLimitBackoff, RateLimited
-from resilient._policy import SLOW, Outcome
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Counted(RateLimitBackoff):
-    """A RateLimitBackoff that counts how it ran: ``whole`` (``__call__``), ``fast``
-    (``before`` gave a ticket), ``resumed`` (a first answer handed to ``resume``)."""
-
-    __slots__ = ("fast", "resumed", "whole")
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.whole = self.fast = self.resumed = 0
-
-    async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request: ClientRequest, key: str | None, now: float) -> Any:
-        ticket = super().before(request, key, now)
-        self.fast += ticket is not SLOW
-        return ticket
-
-    async def resume(
-        self, ticket: Any, request: ClientRequest, rest: ClientHandlerType, outcome: Outcome
-    ) -> ClientResponse:
-        self.resumed += 1
-        return await super().resume(ticket, request, rest, outcome)
+class Counted(scripted.Watched, RateLimitBackoff):
+    """A RateLimitBackoff that counts how it ran (``scripted.Watched``)."""
 
 
 def reply(status: int = 200, **headers: str) -> Reply:
@@ -84,7 +63,7 @@ async def test_a_healthy_key_never_runs_the_policy_whole_in_a_chain(server):
     policy = Counted()
     async with aiohttp.ClientSession(middlewares=in_chain(policy)) as s:
         assert [await status(s, server.url + "/x") for _ in range(5)] == [200] * 5
-    assert (policy.fast, policy.whole, policy.resumed) == (5, 0, 0)
+    assert (policy.tickets, policy.whole, policy.resumed) == (5, 0, 0)
     assert policy.stats() == {}  # no gate was made for it
 
 
@@ -101,7 +80,7 @@ async def test_a_429_on_the_fast_path_is_paused_probed_and_sent_again_by_resume(
         remove()
     first, second = server.arrivals
     assert second.time - first.time >= 2.0
-    assert (policy.fast, policy.whole, policy.resumed) == (1, 0, 1)
+    assert (policy.tickets, policy.whole, policy.resumed) == (1, 0, 1)
     assert [(e.kind, e.attempt, e.delay) for e in events] == [
         ("rate_limited", 1, 2.0),
         ("pause_probe", 1, None),
@@ -120,9 +99,9 @@ async def test_callers_of_a_paused_key_run_the_policy_whole_until_it_opens(serve
         assert policy.whole == 3  # they waited in the slow path
         # the key is paced now (its first 429): a caller whose slot is due leaves at once
         await asyncio.sleep(10.0)
-        fast = policy.fast
+        fast = policy.tickets
         assert await status(s, server.url + "/x") == 200
-        assert policy.fast == fast + 1
+        assert policy.tickets == fast + 1
         # ... and one whose slot is not due yet waits for it, whole
         calls, rate = policy.whole, policy.rate(server.url)
         assert rate is not None
@@ -165,7 +144,7 @@ async def test_a_request_on_the_fast_path_counts_in_flight_until_it_ends(server)
         with pytest.raises(aiohttp.ClientConnectionError):  # nothing listens there
             async with s.get("http://127.0.0.1:9/"):
                 pass
-    assert policy.fast == 5  # /x, three /held, the refused one
+    assert policy.tickets == 5  # /x, three /held, the refused one
     assert policy.whole == 0
     assert gate.flying == 0
 
@@ -181,7 +160,7 @@ async def test_an_exhausted_advertised_limit_read_on_the_fast_path_pauses_the_ne
         assert await status(s, server.url + "/x") == 200
     first, second = server.arrivals
     assert second.time - first.time >= 5.0
-    assert (policy.fast, policy.whole) == (1, 1)
+    assert (policy.tickets, policy.whole) == (1, 1)
 
 
 # --- the same behaviour, whole or on the fast path -------------------------------------
@@ -261,7 +240,7 @@ async def _trace(
         "arrivals": arrivals,
         "events": [(*e[:5], e[5].replace(prefix, "")) for e in seen],
         "stats": stats,
-        "counts": (policy.fast, policy.whole, policy.resumed),
+        "counts": (policy.tickets, policy.whole, policy.resumed),
     }
 
 
@@ -297,17 +276,6 @@ async def test_the_fast_path_behaves_as_the_policy_run_whole(server, scenario, o
 # --- Redis ------------------------------------------------------------------------------
 
 
-async def _evalsha_calls(redis_url: str) -> int:
-    import redis.asyncio
-
-    direct = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        stats = await direct.info("commandstats")
-    finally:
-        await direct.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_a_key_known_healthy_in_redis_takes_the_fast_path_without_a_round_trip(
     server, redis_url
 ):
@@ -317,15 +285,15 @@ async def test_a_key_known_healthy_in_redis_takes_the_fast_path_without_a_round_
     loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession(middlewares=in_chain(policy)) as s:
         assert await status(s, server.url + "/warm") == 200  # asks Redis: healthy
-        assert (policy.fast, policy.whole) == (0, 1)
-        before, started = await _evalsha_calls(redis_url), loop.time()
+        assert (policy.tickets, policy.whole) == (0, 1)
+        before, started = await evalsha_calls(redis_url), loop.time()
         for _ in range(30):
             assert await status(s, server.url + "/x") == 200
         elapsed = loop.time() - started
-        used = await _evalsha_calls(redis_url) - before
+        used = await evalsha_calls(redis_url) - before
     assert used <= math.ceil(elapsed / HEALTHY_LEASE) + 1
-    assert policy.fast >= 30 - used
-    assert policy.fast + policy.whole == 31
+    assert policy.tickets >= 30 - used
+    assert policy.tickets + policy.whole == 31
 
 
 async def test_a_429_on_the_fast_path_pauses_every_process_through_redis(server, redis_url):

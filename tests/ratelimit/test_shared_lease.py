@@ -19,8 +19,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio
 from redis_proxy import RedisProxy, arg
+from redis_server import evalsha_calls
 
 import resilient
 from resilient import RateLimitBackoff, StorageError
@@ -76,15 +76,6 @@ async def get(session: aiohttp.ClientSession, url: str) -> int | str:
             return resp.status
     except StorageError as exc:
         return type(exc).__name__
-
-
-async def evalsha_calls(redis_url: str) -> int:
-    direct = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        stats = await direct.info("commandstats")
-    finally:
-        await direct.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 # --- no caller waits while the lease is renewed -----------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_server import evalsha_calls
 
 from resilient import RateLimitBackoff, RateLimited
 from resilient.ratelimit._learned import SLOW_START_MIN, LearnedRate
@@ -136,17 +137,6 @@ async def test_another_process_is_paced_at_the_shared_rate_from_its_first_reques
 # --- the local mirror: a healthy key costs no round trip -------------------------------
 
 
-async def _evalsha_calls(redis_url: str) -> int:
-    import redis.asyncio
-
-    direct = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        stats = await direct.info("commandstats")
-    finally:
-        await direct.aclose()
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 async def test_a_healthy_key_costs_one_round_trip_per_lease_not_per_request(server, redis_url):
     from resilient.ratelimit._redis import HEALTHY_LEASE
 
@@ -155,12 +145,12 @@ async def test_a_healthy_key_costs_one_round_trip_per_lease_not_per_request(serv
     async with aiohttp.ClientSession(middlewares=(policy,)) as session:
         async with session.get(server.url + "/warm") as resp:  # connected, scripts loaded
             assert resp.status == 200
-        before, started = await _evalsha_calls(redis_url), loop.time()
+        before, started = await evalsha_calls(redis_url), loop.time()
         for _ in range(30):
             async with session.get(server.url + "/x") as resp:
                 assert resp.status == 200
         elapsed = loop.time() - started
-        used = await _evalsha_calls(redis_url) - before
+        used = await evalsha_calls(redis_url) - before
     assert used <= math.ceil(elapsed / HEALTHY_LEASE) + 1  # 30 without the mirror
 
 

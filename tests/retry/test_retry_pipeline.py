@@ -12,11 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import scripted
 from aiohttp import web
 from scripted import drop_connection, facts, held, until
 
 import resilient
-from resilient._policy import SLOW
 from resilient.retry._budget import RetryBudget
 from resilient.retry._retry import Retry
 
@@ -24,27 +24,8 @@ Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 TICK = 1e-3
 
 
-class Watched(Retry):
-    """A Retry that counts how the pipeline ran it: whole (``__call__``), on the fast path
-    (``before`` gave a ticket), handed over (``resume``)."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.whole = self.tickets = self.resumed = 0
-
-    async def __call__(self, request, handler):
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request, key, now):
-        ticket = super().before(request, key, now)
-        if ticket is not SLOW:
-            self.tickets += 1
-        return ticket
-
-    async def resume(self, ticket, request, rest, outcome):
-        self.resumed += 1
-        return await super().resume(ticket, request, rest, outcome)
+class Watched(scripted.Watched, Retry):
+    """A Retry that counts how the pipeline ran it (``scripted.Watched``)."""
 
 
 def constant(seconds: float) -> Callable[[int], float]:

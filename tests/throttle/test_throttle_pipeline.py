@@ -12,14 +12,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+import scripted
 from aiohttp import web
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
-from scripted import drop_connection, held, telemetry, until
+from scripted import drop_connection, held, status_of, telemetry, until
 
 import resilient
 from resilient import DeadlineExceeded, Event, Throttle
-from resilient._policy import SLOW
 from resilient.throttle._quota import NAMESPACE
 from resilient.throttle._redis import RedisQuotas
 
@@ -30,33 +30,8 @@ TICK = 1e-6
 """Tolerance (seconds) on arrival times in virtual time."""
 
 
-class Watched(Throttle):
-    """A Throttle that counts how the pipeline ran it: whole (``__call__``), on the fast
-    path (``before`` gave a ticket)."""
-
-    def __init__(self, rate: float, **options: Any) -> None:
-        super().__init__(rate, **options)
-        self.whole = self.tickets = 0
-
-    async def __call__(self, request, handler):
-        self.whole += 1
-        return await super().__call__(request, handler)
-
-    def before(self, request, key, now):
-        ticket = super().before(request, key, now)
-        if ticket is not SLOW:
-            self.tickets += 1
-        return ticket
-
-
-async def call(client: aiohttp.ClientSession, url: str, middlewares: Any) -> int | str:
-    """The status of one GET, or the name of the exception it raised."""
-    try:
-        async with client.get(url, middlewares=middlewares) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, resilient.ResilienceError) as exc:
-        return type(exc).__name__
+class Watched(scripted.Watched, Throttle):
+    """A Throttle that counts how the pipeline ran it (``scripted.Watched``)."""
 
 
 def times(server, path: str | None = None) -> list[float]:
@@ -71,7 +46,9 @@ def times(server, path: str | None = None) -> list[float]:
 async def test_a_token_there_now_is_taken_on_the_fast_path_and_waits_run_whole(server, client):
     throttle = Watched(2.0)
     chain = resilient.chain(throttle)
-    outcomes = await asyncio.gather(*(call(client, server.url + "/x", chain) for _ in range(5)))
+    outcomes = await asyncio.gather(
+        *(status_of(client, server.url + "/x", chain) for _ in range(5))
+    )
     assert outcomes == [200] * 5
     assert times(server) == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0], abs=TICK)
     assert (throttle.tickets, throttle.whole) == (1, 4)  # the first had its token
@@ -81,7 +58,9 @@ async def test_a_token_there_now_is_taken_on_the_fast_path_and_waits_run_whole(s
 async def test_quota_places_in_memory_are_taken_on_the_fast_path(server, client):
     throttle = Watched(1000.0, burst=10, quotas="2/second")
     chain = resilient.chain(throttle)
-    outcomes = await asyncio.gather(*(call(client, server.url + "/x", chain) for _ in range(5)))
+    outcomes = await asyncio.gather(
+        *(status_of(client, server.url + "/x", chain) for _ in range(5))
+    )
     assert outcomes == [200] * 5
     assert times(server) == pytest.approx([0.0, 0.0, 1.0, 1.0, 2.0], abs=TICK)
     assert (throttle.tickets, throttle.whole) == (2, 3)  # a full window: waited whole
@@ -95,9 +74,9 @@ async def test_a_full_window_hands_the_token_back_before_running_whole(server, c
     alone = Throttle(1.0, burst=3, quotas="2/minute")
     piped = Watched(1.0, burst=3, quotas="2/minute")
     for middlewares in ((alone,), resilient.chain(piped)):
-        await asyncio.gather(*(call(client, server.url + "/a", middlewares) for _ in range(2)))
+        await asyncio.gather(*(status_of(client, server.url + "/a", middlewares) for _ in range(2)))
         with resilient.deadline(1.0):
-            assert await call(client, server.url + "/b", middlewares) == "DeadlineExceeded"
+            assert await status_of(client, server.url + "/b", middlewares) == "DeadlineExceeded"
     assert (piped.tickets, piped.whole) == (2, 1)
     tokens = [t.stats()[server.url].tokens for t in (alone, piped)]
     assert tokens == pytest.approx([1.0, 1.0], abs=1e-3)  # 3, less the two sent
@@ -110,16 +89,16 @@ async def test_a_request_cancelled_on_the_wire_still_lands(server, client, gate)
     throttle = Watched(1000.0, quotas="2/minute")
     chain = resilient.chain(throttle)
     server.default("/held", held(gate))
-    flying = asyncio.create_task(call(client, server.url + "/held", chain))
+    flying = asyncio.create_task(status_of(client, server.url + "/held", chain))
     await until(lambda: server.count("/held") == 1)
     assert throttle.stats()[server.url].in_flight == 1
     flying.cancel()
     with pytest.raises(asyncio.CancelledError):
         await flying
     assert throttle.stats()[server.url].in_flight == 0
-    assert await call(client, server.url + "/second", chain) == 200  # slot 2 of 2
+    assert await status_of(client, server.url + "/second", chain) == 200  # slot 2 of 2
     with resilient.deadline(1.0):
-        assert await call(client, server.url + "/third", chain) == "DeadlineExceeded"
+        assert await status_of(client, server.url + "/third", chain) == "DeadlineExceeded"
     assert throttle.tickets == 2
     assert server.count("/third") == 0
 
@@ -132,10 +111,10 @@ async def test_a_dropped_connection_on_the_fast_path_spends_its_token_and_slot(s
     with pytest.raises(aiohttp.ServerDisconnectedError):  # a POST: aiohttp does not re-send
         await client.post(server.url + "/x", middlewares=chain)
     assert throttle.tickets == 1
-    assert await call(client, server.url + "/y", chain) == 200  # one token a second
+    assert await status_of(client, server.url + "/y", chain) == 200  # one token a second
     assert times(server, "/y") == pytest.approx([1.0], abs=TICK)
     with resilient.deadline(1.0):  # 2 of 2 slots: the dropped one took its slot
-        assert await call(client, server.url + "/z", chain) == "DeadlineExceeded"
+        assert await status_of(client, server.url + "/z", chain) == "DeadlineExceeded"
 
 
 @pytest.mark.looptime
@@ -146,7 +125,7 @@ async def test_an_adaptive_throttle_learns_on_the_fast_path_as_alone(server, cli
     for throttle, middlewares in ((alone, (alone,)), (piped, resilient.chain(piped))):
         server.script("/x", *[200] * 5, 429)
         for _ in range(6):
-            await call(client, server.url + "/x", middlewares)
+            await status_of(client, server.url + "/x", middlewares)
         rates.append(throttle.current_rate(server.url))
     assert rates[0] < 10.0
     assert rates[1] == pytest.approx(rates[0])
@@ -188,7 +167,7 @@ async def test_requests_times_events_and_stats_are_those_of_the_throttle_alone(
         outcomes: list[int | str] = []
         for burst in (3, 1, 2):
             outcomes += await asyncio.gather(
-                *(call(client, server.url + path, middlewares) for _ in range(burst))
+                *(status_of(client, server.url + path, middlewares) for _ in range(burst))
             )
             await asyncio.sleep(0.7)
         arrivals = [round(a.time - start, 6) for a in server.arrivals if a.path == path]
@@ -210,7 +189,7 @@ async def test_a_leased_place_is_taken_on_the_fast_path_without_a_round_trip(
     assert isinstance(quotas, RedisQuotas)
     chain = resilient.chain(throttle)
     try:
-        assert [await call(client, server.url + "/x", chain) for _ in range(40)] == [200] * 40
+        assert [await status_of(client, server.url + "/x", chain) for _ in range(40)] == [200] * 40
         assert throttle.tickets >= 25  # leased places: no round trip
         assert throttle.whole == 40 - throttle.tickets  # the others asked Redis, whole
         await quotas.drain()
@@ -227,7 +206,7 @@ async def test_a_leased_place_is_taken_on_the_fast_path_without_a_round_trip(
 async def test_with_telemetry_the_throttle_runs_whole_and_the_call_is_counted_once(server, client):
     throttle = Watched(1000.0, quotas="5/second")
     with telemetry() as counted:
-        assert await call(client, server.url + "/x", resilient.chain(throttle)) == 200
+        assert await status_of(client, server.url + "/x", resilient.chain(throttle)) == 200
     assert (throttle.whole, throttle.tickets) == (2, 0)  # __call__, re-entered by the count
     assert counted() == [("throttle", 200, 1)]
     assert throttle.stats()[server.url].in_flight == 0
@@ -236,7 +215,7 @@ async def test_with_telemetry_the_throttle_runs_whole_and_the_call_is_counted_on
 @pytest.mark.looptime
 async def test_a_deadline_refusal_is_the_same_through_the_chain(server, client):
     for middlewares in ((Throttle(1.0),), resilient.chain(Throttle(1.0))):
-        assert await call(client, server.url + "/first", middlewares) == 200
+        assert await status_of(client, server.url + "/first", middlewares) == 200
         with resilient.deadline(0.5), pytest.raises(DeadlineExceeded, match="rate limit"):
             await client.get(server.url + "/second", middlewares=middlewares)
     assert server.count("/second") == 0
