@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, settings
+from redis_proxy import RedisProxy
 from redis_server import new_redis_server
 
 import resilient
@@ -117,6 +118,18 @@ def redis_url(redis_server_session: RedisServer) -> str:
     """The URL of an empty Redis (the session's server, flushed)."""
     redis_server_session.flush()
     return redis_server_session.url
+
+
+@pytest.fixture
+async def proxy(redis_url: str, redis_server_session: RedisServer) -> AsyncIterator[RedisProxy]:
+    """A :class:`RedisProxy` (delays, withholds or cuts replies) to the session's Redis,
+    flushed."""
+    between = RedisProxy(redis_server_session.port)
+    await between.start()
+    try:
+        yield between
+    finally:
+        await between.close()
 
 
 @pytest.fixture

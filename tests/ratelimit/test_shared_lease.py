@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -39,15 +39,6 @@ def in_chain(policy: RateLimitBackoff) -> tuple[Any, ...]:
 
 def whole(policy: RateLimitBackoff) -> tuple[Any, ...]:
     return (policy,)
-
-
-@pytest.fixture
-async def proxy(redis_url: str, redis_server_session: RedisServer) -> AsyncIterator[RedisProxy]:
-    """A proxy to the session's (flushed) Redis."""
-    between = RedisProxy(redis_server_session.port)
-    await between.start()
-    yield between
-    await between.close()
 
 
 def lease(monkeypatch: pytest.MonkeyPatch, seconds: float, ahead: float) -> None:

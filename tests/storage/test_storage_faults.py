@@ -10,13 +10,12 @@ it late). Real time, with pauses and breaks of a fraction of a second.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
-from redis_proxy import RedisProxy, arg
+from redis_proxy import arg
 
 import resilient.storage._redis as redis_module
 from resilient import CircuitBreaker, RateLimitBackoff, Throttle
@@ -41,17 +40,6 @@ def _limited() -> web.Response:
 
 async def limited(request: web.Request) -> web.Response:
     return _limited()
-
-
-@pytest.fixture
-async def proxy(redis_server_session: RedisServer, redis_url: str) -> AsyncIterator[RedisProxy]:
-    """A proxy to the session's (flushed) Redis."""
-    proxy = RedisProxy(redis_server_session.port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis_proxy import RedisProxy, arg
+from redis_proxy import arg
 
 import resilient
 from resilient import StorageError, Throttle
@@ -317,16 +317,6 @@ async def test_a_leased_place_in_use_is_leased_as_in_flight_until_it_lands(
 def lease_of_8(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every caller that asks Redis asks for 8 places (a key whose demand is 7)."""
     monkeypatch.setattr(_lease.Lease, "want", lambda self, now: 8)
-
-
-@pytest.fixture
-async def proxy(redis_server_session: Any) -> AsyncIterator[RedisProxy]:
-    proxy = RedisProxy(redis_server_session.port)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 async def test_a_lease_whose_caller_is_cancelled_leaves_no_place(
