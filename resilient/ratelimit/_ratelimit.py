@@ -251,7 +251,9 @@ class RateLimitBackoff(Policy):
         total = request.session.timeout.total  # _started(request), inlined: the hot path
         started = mark_start(request, _clock.now_for(request)) if total else 0.0
         gate = self._gates.get(key)
-        if (gate is not None or not self._gates_decide) and not self._ready(key, gate, request):
+        if (gate is not None or not self._gates_decide) and not self._ready(
+            key, gate, _clock.now_for(request)
+        ):
             bound = self._departure_bound(request, started, _clock.now())
             gate, departed = await self._store.enter(key, gate, self._ceiling, bound)
             if gate is not None and (gate.closed or (gate.paced and not departed)):
@@ -277,7 +279,7 @@ class RateLimitBackoff(Policy):
         if key is None:
             key = self._key(request)
         gate = self._gates.get(key)
-        if (gate is not None or not self._gates_decide) and not self._ready(key, gate, request):
+        if (gate is not None or not self._gates_decide) and not self._ready(key, gate, now):
             return SLOW
         return key if gate is None else self._leaving(key, gate)
 

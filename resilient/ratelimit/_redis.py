@@ -65,7 +65,6 @@ from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate
 from ._store import KIND, new_gates, waiting
 
 if TYPE_CHECKING:
-    from aiohttp import ClientRequest
 
     from ._learned import LearnedRate
 
@@ -429,10 +428,10 @@ class RedisPause:
         self.remote = remote
         self.gates = new_gates(max_keys)
 
-    def ready(self, key: str, gate: PauseGate | None, request: ClientRequest) -> bool:
+    def ready(self, key: str, gate: PauseGate | None, now: float) -> bool:
         if gate is not None and gate.closed:
             return False
-        if not self.remote.healthy(key, request.loop.time()):
+        if not self.remote.healthy(key, now):
             return False
         if gate is None:
             return True

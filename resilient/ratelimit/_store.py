@@ -40,7 +40,6 @@ from ..observe import _metrics
 from ._pause import PauseGate, PauseTooLong
 
 if TYPE_CHECKING:
-    from aiohttp import ClientRequest
 
     from ._learned import LearnedRate
 
@@ -57,8 +56,9 @@ class PauseStore(Protocol):
     """True when the gates alone decide (memory): a key without a gate is ``ready``
     without asking (the policy does not call the store for it)."""
 
-    def ready(self, key: str, gate: PauseGate | None, request: ClientRequest) -> bool:
-        """True: a request of ``key`` leaves now (nothing to wait for, nothing to ask)."""
+    def ready(self, key: str, gate: PauseGate | None, now: float) -> bool:
+        """True: a request of ``key`` leaves at loop time ``now`` (nothing to wait for,
+        nothing to ask)."""
 
     async def enter(
         self, key: str, gate: PauseGate | None, ceiling: float, bound: float
@@ -108,14 +108,13 @@ class MemoryPause:
     def __init__(self, max_keys: int) -> None:
         self.gates = new_gates(max_keys)
 
-    def ready(self, key: str, gate: PauseGate | None, request: ClientRequest) -> bool:
+    def ready(self, key: str, gate: PauseGate | None, now: float) -> bool:
         if gate is None:
             return True
         if gate.closed:
             return False
         if not gate.paced:
             return True
-        now = request.loop.time()
         if not gate.slot_free(now):
             return False
         with waiting(key):  # a departure, if one that does not wait
