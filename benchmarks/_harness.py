@@ -39,8 +39,9 @@ BUSINESS = "bench"
 
 @dataclass(frozen=True)
 class Config:
-    """How big a run is. ``quick`` shrinks counts and durations (the whole run < 1 min);
-    ``tiny`` (tests only) shrinks them further, to check correctness, not speed."""
+    """How big a run is. ``quick`` shrinks counts and durations (the whole run about 1.5
+    min, 3 with valgrind); ``tiny`` (tests only) shrinks them further, to check
+    correctness, not speed."""
 
     quick: bool = False
     tiny: bool = False
