@@ -45,9 +45,9 @@ class ScriptedServer:
     """
 
     url: str = ""
-    arrivals: list[Arrival] = field(default_factory=list)
-    queues: dict[str, list[int | Reply]] = field(default_factory=dict)
-    defaults: dict[str, int | Reply] = field(default_factory=dict)
+    arrivals: list[Arrival] = field(default_factory=list, repr=False)
+    queues: dict[str, list[int | Reply]] = field(default_factory=dict, repr=False)
+    defaults: dict[str, int | Reply] = field(default_factory=dict, repr=False)
 
     def script(self, path: str, *replies: int | Reply) -> None:
         self.queues.setdefault(path, []).extend(replies)

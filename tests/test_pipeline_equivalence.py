@@ -1,0 +1,165 @@
+"""The pipeline changes nothing but the cost: the four policies of the default chain as one
+:class:`~resilient._pipeline.Pipeline` (``chain()``: each policy's fast path, handing over
+to its slow path on a wait, a 429, a retry) and as four ordinary middlewares
+(``_chain.ordered()``: each policy run whole) give the same results, the same requests on the
+wire at the same times, the same events and the same state, whatever the server answers.
+
+Hypothesis draws the callers (when each starts) and what the server answers each
+caller's attempts: 200, 500, 503, 429 with or without ``Retry-After``, a dropped
+connection, a slow 200, an advertised limit nearly spent. Both runs are in virtual time
+(looptime), start on the same phase of every time window, and draw the same jitter
+(``random`` seeded alike).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scripted import Reply, delayed, drop_connection
+
+import resilient
+from resilient import CircuitBreaker, RateLimitBackoff, Retry, Throttle
+from resilient._chain import ordered
+from resilient._pipeline import Pipeline
+
+ALIGN = 1000.0
+"""Both runs start at a multiple of this (loop time): every window has the same phase."""
+
+
+def _us(seconds: float | None) -> float | None:
+    """A time or a delay to the microsecond (looptime's tick): the two runs' times are the
+    same ticks seen from other origins, so they differ by float rounding only."""
+    return None if seconds is None else round(seconds, 6)
+
+
+def _rate(rate: float | None) -> float | None:
+    """A rate to 6 significant digits (learned from times read at other origins)."""
+    return None if rate is None else float(f"{rate:.6g}")
+
+
+def _reply(status: int, **headers: str) -> Reply:
+    async def reply(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=f"status {status}", headers=headers)
+
+    return reply
+
+
+REPLIES: dict[str, Callable[[], Reply]] = {
+    "200": lambda: _reply(200),
+    "500": lambda: _reply(500),
+    "503": lambda: _reply(503),
+    "429": lambda: _reply(429),
+    "429 Retry-After 1": lambda: _reply(429, **{"Retry-After": "1"}),
+    "429 Retry-After 3": lambda: _reply(429, **{"Retry-After": "3"}),
+    "dropped": lambda: drop_connection,
+    "slow 200": lambda: delayed(0.35),
+    "200, 1 of 10 left for 2 s": lambda: _reply(
+        200, **{"RateLimit-Limit": "10", "RateLimit-Remaining": "1", "RateLimit-Reset": "2"}
+    ),
+}
+
+Caller = tuple[float, list[str]]
+"""When a caller starts (seconds after the run's start) and the server's answers to its
+attempts, in order (then 200)."""
+
+callers = st.lists(
+    st.tuples(
+        st.integers(0, 400).map(lambda t: t * 0.0137),  # rarely two at one instant
+        st.lists(st.sampled_from(sorted(REPLIES)), max_size=4),
+    ),
+    min_size=1,
+    max_size=14,
+)
+
+
+def _policies() -> tuple[Any, ...]:
+    """A chain that meets every path on a small scale: the breaker opens after 3 failures
+    in a row, the throttle makes callers queue, the backoff pauses and paces."""
+    return (
+        Retry(attempts=3, backoff=resilient.FullJitter(base=0.2, cap=2.0)),
+        CircuitBreaker(consecutive_failures=3, min_calls=4, window=2.0, open_for=0.5),
+        RateLimitBackoff(max_wait=10.0),
+        Throttle(8.0, burst=2),
+    )
+
+
+async def _run(server: Any, wrap: str, prefix: str, plan: list[Caller], seed: int) -> Any:
+    """``plan`` through the policies as ``wrap`` (``"chain"``: one Pipeline; ``"ordered"``:
+    four middlewares): what the callers, the server and the hooks saw, times relative
+    to the run's start, and each policy's state at the end."""
+    policies = _policies()
+    middlewares = resilient.chain(*policies) if wrap == "chain" else ordered(*policies)
+    assert isinstance(middlewares[0], Pipeline) == (wrap == "chain")
+    for i, (_, replies) in enumerate(plan):
+        server.script(f"{prefix}/c{i}", *(REPLIES[r]() for r in replies))
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(ALIGN - loop.time() % ALIGN)
+    start = loop.time()
+    random.seed(seed)
+    events: list[resilient.Event] = []
+    remove = resilient.add_hook(events.append)
+
+    async def call(i: int, at: float) -> tuple[int, object, float]:
+        await asyncio.sleep(at)
+        try:
+            async with session.get(f"{server.url}{prefix}/c{i}") as resp:
+                await resp.read()
+                outcome: object = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            outcome = type(exc).__name__
+        return i, outcome, _us(loop.time() - start)
+
+    try:
+        async with aiohttp.ClientSession(middlewares=middlewares) as session:
+            results = await asyncio.gather(*(call(i, at) for i, (at, _) in enumerate(plan)))
+    finally:
+        remove()
+    retry, breaker, backoff, throttle = policies
+    return {
+        "results": results,
+        "arrivals": sorted(
+            (a.path.removeprefix(prefix), _us(a.time - start))
+            for a in server.arrivals
+            if a.path.startswith(prefix + "/")
+        ),
+        "events": sorted((_fact(e, server.url + prefix) for e in events), key=repr),
+        "breaker": {
+            k: (c.state, c.calls, c.failures, _us(c.retry_after), c.probes)
+            for k, c in breaker.stats().items()
+        },
+        "backoff": {
+            k: (p.paused, _us(p.remaining), p.probing, p.waiting, _rate(p.rate))
+            for k, p in backoff.stats().items()
+        },
+        "throttle": {
+            k: (round(t.tokens, 6), _rate(t.rate), t.waiting, t.in_flight)
+            for k, t in throttle.stats().items()
+        },
+        "budget": retry.stats(),
+    }
+
+
+def _fact(event: resilient.Event, base: str) -> tuple[object, ...]:
+    """What ``event`` says, its URL relative to the run's ``base`` and its delay in ticks
+    (sorted by the caller: outcomes of one instant may come in either order)."""
+    url, delay = (event.url or "").removeprefix(base), _us(event.delay)
+    return (event.kind, event.policy, event.attempt, event.status, event.reason, url, delay)
+
+
+@pytest.mark.looptime
+@pytest.mark.timeout(300)
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=callers, seed=st.integers(0, 2**32 - 1))
+async def test_the_pipeline_behaves_as_the_policies_run_as_middlewares(server, plan, seed):
+    run = f"/{len(server.arrivals)}"  # one server for every example: fresh paths each time
+    whole = await _run(server, "ordered", run + "o", plan, seed)
+    chained = await _run(server, "chain", run + "p", plan, seed)
+    assert chained == whole
