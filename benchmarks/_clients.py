@@ -40,6 +40,7 @@ __all__ = [
     "ChainClient",
     "Client",
     "ClientSpec",
+    "OnePassthroughClient",
     "PassthroughClient",
     "ResilientOptions",
     "build_policies",
@@ -134,9 +135,17 @@ class PassthroughClient(Client):
     """A plain session with four do-nothing middlewares (aiohttp's middleware machinery)."""
 
     name = "aiohttp + 4 no-op middlewares"
+    count = 4
 
     def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(middlewares=(passthrough,) * 4)
+        return aiohttp.ClientSession(middlewares=(passthrough,) * self.count)
+
+
+class OnePassthroughClient(PassthroughClient):
+    """One do-nothing middleware: the least any middleware-based client costs."""
+
+    name = "aiohttp + 1 no-op middleware"
+    count = 1
 
 
 class ResilientClient(Client):

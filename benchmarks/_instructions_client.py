@@ -1,7 +1,7 @@
 """One client of the ``instructions`` scenario, run as its own process (under valgrind).
 
 ``python -m benchmarks._instructions_client LABEL COUNT CONCURRENCY URL``: the client that
-``benchmarks._clients.make_clients`` names ``LABEL`` (or the 4 no-op middlewares one, or
+``benchmarks._clients.make_clients`` names ``LABEL`` (or a no-op middlewares one, or
 the chain on a plain session)
 makes ``COUNT`` GETs of ``URL`` with ``CONCURRENCY`` workers, after a warm-up of
 ``2 x CONCURRENCY`` calls, and exits 1 if any failed.
@@ -13,14 +13,23 @@ import asyncio
 import sys
 from functools import partial
 
-from ._clients import PLAIN, Client, PassthroughClient, ResilientOptions, make_clients, timed
+from ._clients import (
+    PLAIN,
+    Client,
+    OnePassthroughClient,
+    PassthroughClient,
+    ResilientOptions,
+    make_clients,
+    timed,
+)
 from ._harness import gather_calls
 
 
 def client_named(label: str) -> Client:
     """A fresh client of ``label`` (a name of :func:`make_clients`, or the no-op one)."""
-    if label == PassthroughClient.name:
-        return PassthroughClient()
+    for noop in (PassthroughClient, OnePassthroughClient):
+        if label == noop.name:
+            return noop()
     for spec in make_clients(variants=[(PLAIN, ResilientOptions(plain_session=True))]):
         if spec.label == label:
             return spec.factory()
