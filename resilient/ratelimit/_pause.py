@@ -17,7 +17,9 @@ The gate also holds the key's closed loop (see :mod:`resilient.ratelimit._learne
 rate, its streak of 429s (the backoff floor belongs to the key: a success ends the
 streak), and its departure queue. Once a key is paced, callers leave one by one
 (:meth:`PauseGate.depart`), ``1/r`` seconds apart, so the waiters released by a probe
-go at the learned rate, never all at once. Every state change
+go at the learned rate, never all at once. An advertised limit with little left paces
+the key the same way, at what is left over the time to its reset, once its queued
+callers have gone at once (:meth:`PauseGate.spread_over`). Every state change
 wakes every waiter, and each re-reads the state; waiters sleep only on their own
 future (with a timer for the pause end or the caller's limit), never on a lock.
 """
@@ -95,6 +97,7 @@ class PauseGate:
     __slots__ = (
         "_departures",
         "_waiters",
+        "burst",
         "closed",
         "cuts_seen",
         "flying",
@@ -102,6 +105,7 @@ class PauseGate:
         "next_slot",
         "probing",
         "shared_rate",
+        "spare",
         "spread",
         "spread_until",
         "streak",
@@ -121,6 +125,10 @@ class PauseGate:
         """An advertised limit's rate (remaining / seconds to its reset) ..."""
         self.spread_until = 0.0
         """... until this loop time (its reset)."""
+        self.burst = 0
+        """Queued callers that may leave at once, before the spread's spacing ..."""
+        self.spare = 0
+        """... and what the spread's first reading left for them (:meth:`spread_over`)."""
         self.shared_rate = 0.0
         self.cuts_seen = 0
         self._waiters: deque[_Waiter] = deque()
@@ -148,7 +156,7 @@ class PauseGate:
             rate = self.shared_rate
         if self.spread_until:
             if now >= self.spread_until:  # the advertised reset: one probe reads the rest
-                self.spread, self.spread_until = math.inf, 0.0
+                self.spread, self.spread_until, self.burst = math.inf, 0.0, 0
                 self._probe_first(now)
             elif self.spread < rate:
                 rate = self.spread
@@ -165,8 +173,49 @@ class PauseGate:
         )
 
     def leave(self, now: float) -> None:
-        """A caller leaves at ``now`` (its slot was due): the next slot is ``1/r(now)`` later."""
-        self.next_slot = now + 1.0 / self.rate(now)
+        """A caller leaves at ``now`` (its slot was due): the next slot is ``1/r(now)`` later,
+        or still due while a burst of :meth:`spread_over` lasts."""
+        rate = self.rate(now)
+        if self.burst:
+            self.burst -= 1
+            self.spare -= 1
+            if self.burst:
+                return
+        self.next_slot = now + 1.0 / rate
+
+    def queued(self) -> int:
+        """Callers of the key waiting to send: in the pause's queue or for a departure."""
+        return len(self._waiters) + (len(self._departures) if self._departures else 0)
+
+    def spread_over(self, left: int, seconds: float, now: float, *, burst: bool) -> None:
+        """An advertised limit leaves ``left`` (> 0) requests for the next ``seconds``: they
+        go at ``left / seconds`` until then. ``burst``: the callers already queued go at
+        once instead, up to ``left`` and, over one spread, up to what its first reading
+        left (``spare``: a reading that never counts down frees no more); the spacing
+        resumes after them. Spacing them would only make them wait: the callers who come
+        later queue behind them either way."""
+        if self.spread_until <= now:  # no spread running: this reading starts one
+            self.spare = left
+        self.spread = left / seconds
+        self.spread_until = now + seconds
+        self.burst = min(left, self.queued(), self.spare) if burst and not self.closed else 0
+        if not self.burst:
+            self.next_slot = max(self.next_slot, now + 1.0 / self.spread)
+        elif self.next_slot > now:
+            self.next_slot = now
+            if self._departures:
+                self._departures[0].wake()  # the head sleeps until the old slot
+
+    def end_spread(self, now: float) -> None:
+        """The advertised limit is spent: its spread ends (a pause until its reset takes
+        over), and callers asleep until a spread slot wake to wait for the pause instead
+        (its probe's answer sets the next slot, :meth:`open`)."""
+        self.spread, self.spread_until, self.burst = math.inf, 0.0, 0
+        slot = now + 1.0 / self.rate(now)
+        if self.next_slot > slot:
+            self.next_slot = slot
+            if self._departures:
+                self._departures[0].wake()
 
     async def depart(self, latest: float) -> None:
         """Wait for this caller's departure at the key's rate, first come first served.
@@ -234,6 +283,7 @@ class PauseGate:
         now = _clock.now()
         self.closed = True
         self.until = max(self.until, now + min(delay, MAX_PAUSE))
+        self.burst = 0
         if probe:
             self.probing = False
         self._wake_all()

@@ -10,9 +10,12 @@ one at the key's learned rate (:mod:`resilient.ratelimit._learned`): from its fi
 request of the key is paced, and each 429 teaches the rate anew.
 
 ``proactive=True`` reads the limits a server advertises on every response
-(:func:`resilient._headers.parse_advertised`): nothing left before the reset pauses the
-key until the reset (no 429 earned); little left (at most :data:`SPREAD_BELOW`, or a
-tenth of the limit) spreads what remains over the time to the reset.
+(:func:`resilient._headers.parse_advertised`), less the key's requests in flight:
+nothing left before the reset pauses the key until the reset (no 429 earned, and the
+pause ends any spread); little left (at most :data:`SPREAD_BELOW`, or a tenth of the
+limit) spreads what remains over the time to the reset, except that the key's callers
+already queued go at once, up to what is left (in this process's memory and for a key
+not paced by 429s; with Redis other processes spend the same quota, so it is spread).
 
 A caller waits at most ``max_wait`` seconds for 429s over its call, and never past its
 :func:`resilient.deadline` or aiohttp's ``ClientTimeout.total``: when the pause ends
@@ -77,7 +80,9 @@ DEFAULT_CAP = 300.0
 MEMORY_STORAGE = "memory://"
 SPREAD_BELOW = 10
 """An advertised limit with at most this many requests left (or a tenth of the limit,
-if larger) spreads them over the time to its reset; with more left, callers go freely."""
+if larger) spreads them over the time to its reset, the callers already queued going at
+once (:meth:`~resilient.ratelimit._pause.PauseGate.spread_over`); with more left,
+callers go freely."""
 
 _NAME = "RateLimitBackoff"
 _GIVES_UP = " (the pause ends beyond what this caller may wait: its 429 is returned)"
@@ -455,8 +460,9 @@ class RateLimitBackoff(Policy):
 
     def _heed(self, key: str, resp: ClientResponse) -> None:
         """With ``proactive``, the limit ``resp`` advertises, less the key's requests still
-        in flight: none left -> pause until its reset; little left -> spread it over the
-        time to the reset (see :data:`SPREAD_BELOW`)."""
+        in flight: none left -> pause until its reset (ending any spread); little left ->
+        the callers queued go at once, up to what is left, the rest is spread over the
+        time to the reset (see :data:`SPREAD_BELOW`, ``PauseGate.spread_over``)."""
         if not self._proactive or not advertises(resp.headers):
             return  # the common response: no wall-clock read, no parsing
         advertised = parse_advertised(resp.headers, now=_clock.wall())
@@ -471,6 +477,8 @@ class RateLimitBackoff(Policy):
             return
         now = _clock.now()
         if left <= 0:
+            if gate.spread_until:
+                gate.end_spread(now)  # the pause until the reset replaces it
             if not gate.closed:
                 gate.pause(reset, probe=False)
                 _events.emit(
@@ -478,9 +486,10 @@ class RateLimitBackoff(Policy):
                     status=None, reason=f"advertised limit exhausted ({advertised.policy})",
                 )  # fmt: skip
             return
-        gate.spread = left / reset
-        gate.spread_until = now + min(reset, MAX_PAUSE)
-        gate.next_slot = max(gate.next_slot, now + 1.0 / gate.spread)
+        # the queued callers may go at once, unless other processes spend the key's quota
+        # too (Redis) or 429s pace it
+        burst = self._shared is None and gate.learned is None
+        gate.spread_over(left, min(reset, MAX_PAUSE), now, burst=burst)
 
     def _departure_bound(self, request: ClientRequest, started: float, now: float) -> float:
         """The loop time a paced departure must not pass: ``max_wait`` from now, or the
