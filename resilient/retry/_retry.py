@@ -244,10 +244,11 @@ class Retry(Policy):
     async def __call__(self, request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         if _metrics.recorder is not None and _metrics.outside(self):
             return await _metrics.counted(self, by_host(request), request, handler)
-        started = _deadline.mark_start(request, _clock.now_for(request))
+        now = _clock.now_for(request)
+        started = _deadline.mark_start(request, now)  # earlier for a re-sent hop of the call
         balance = self._balance
         if balance is not None:
-            balance.deposit(started)
+            balance.deposit(now)  # in the bucket of now: each hop counts when it goes
         seconds = self._attempt_timeout
         clock = None if seconds is None else AttemptClock(request, started, seconds)
         try:

@@ -436,6 +436,28 @@ async def test_without_a_budget_every_call_uses_all_attempts(server, client):
 
 
 @pytest.mark.looptime
+async def test_a_hop_resent_by_aiohttp_counts_in_the_budget_when_it_goes(server, client):
+    """aiohttp sends an idempotent call again, through every middleware, when the first
+    hop ends with a dropped connection: that hop's first attempt is counted at the time
+    it goes (not at the call's start, whose one-second bucket may be long gone)."""
+
+    async def drop_after_3s(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3.0)
+        return await drop_connection(request)
+
+    server.script("/d", drop_after_3s, 200)
+    retry = Retry(attempts=1)  # the dropped hop stands: aiohttp re-sends the call
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(math.floor(loop.time()) + 1.5 - loop.time())
+    start = loop.time()  # x.5: the first hop in bucket x, the second in bucket x + 3
+    async with client.get(server.url + "/d", middlewares=(retry,)) as resp:
+        assert resp.status == 200
+    assert server.count("/d") == 2
+    await asyncio.sleep(start + 10.1 - loop.time())  # bucket x has left the window
+    assert retry.stats().first_attempts == 1
+
+
+@pytest.mark.looptime
 async def test_exhausted_budget_reraises_the_last_network_error(client):
     attempts = Attempts()
     retry = Retry(attempts=5, backoff=FAST, budget=RetryBudget(ratio=0.0, min_per_second=0.1))
