@@ -26,12 +26,15 @@ from hypothesis import strategies as st
 from scripted import Reply, delayed, drop_connection
 
 import resilient
-from resilient import CircuitBreaker, RateLimitBackoff, Retry, Throttle
+from resilient import CircuitBreaker, ConcurrencyLimit, RateLimitBackoff, Retry, Throttle
 from resilient._chain import ordered
 from resilient._pipeline import Pipeline
 
-ALIGN = 1000.0
-"""Both runs start at a multiple of this (loop time): every window has the same phase."""
+ALIGN, OFFSET = 1000.0, 0.000123
+"""Both runs start ``OFFSET`` after a multiple of ``ALIGN`` (loop time): every window
+has the same phase, and a time a whole number of seconds after the start (a
+``Retry-After``) is not on a window's edge, where float rounding at the two origins
+could put it in either bucket."""
 
 
 def _us(seconds: float | None) -> float | None:
@@ -80,9 +83,15 @@ callers = st.lists(
 )
 
 
-def _policies() -> tuple[Any, ...]:
-    """A chain that meets every path on a small scale: the breaker opens after 3 failures
-    in a row, the throttle makes callers queue, the backoff pauses and paces."""
+def _business(request: Any) -> str:
+    """A key none of the by_host policies shares (the pipeline then passes no key)."""
+    return "business"
+
+
+def _default() -> tuple[Any, ...]:
+    """The default chain on a small scale, so that every path is met: the breaker opens
+    after 3 failures in a row, the throttle makes callers queue, the backoff pauses and
+    paces."""
     return (
         Retry(attempts=3, backoff=resilient.FullJitter(base=0.2, cap=2.0)),
         CircuitBreaker(consecutive_failures=3, min_calls=4, window=2.0, open_for=0.5),
@@ -91,17 +100,35 @@ def _policies() -> tuple[Any, ...]:
     )
 
 
-async def _run(server: Any, wrap: str, prefix: str, plan: list[Caller], seed: int) -> Any:
-    """``plan`` through the policies as ``wrap`` (``"chain"``: one Pipeline; ``"ordered"``:
-    four middlewares): what the callers, the server and the hooks saw, times relative
-    to the run's start, and each policy's state at the end."""
-    policies = _policies()
+def _sage_like() -> tuple[Any, ...]:
+    """``sage.policies()``'s shape: quota windows, the backoff and throttle keyed by
+    business, the breaker by host; and a concurrency limit with a queue."""
+    return (
+        Retry(attempts=3, backoff=resilient.FullJitter(base=0.2, cap=2.0)),
+        CircuitBreaker(consecutive_failures=3, min_calls=4, window=2.0, open_for=0.5),
+        RateLimitBackoff(max_wait=10.0, key=_business),
+        ConcurrencyLimit(2, max_queue=8),
+        Throttle(8.0, burst=2, quotas="5 per 2 seconds", key=_business),
+    )
+
+
+async def _run(
+    server: Any,
+    policies: tuple[Any, ...],
+    wrap: str,
+    prefix: str,
+    plan: list[Caller],
+    seed: int,
+) -> Any:
+    """``plan`` through ``policies`` as ``wrap`` (``"chain"``: one Pipeline; ``"ordered"``:
+    one middleware each): what the callers, the server and the hooks saw, times
+    relative to the run's start, and each policy's state at the end."""
     middlewares = resilient.chain(*policies) if wrap == "chain" else ordered(*policies)
     assert isinstance(middlewares[0], Pipeline) == (wrap == "chain")
     for i, (_, replies) in enumerate(plan):
         server.script(f"{prefix}/c{i}", *(REPLIES[r]() for r in replies))
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(ALIGN - loop.time() % ALIGN)
+    await asyncio.sleep(ALIGN - loop.time() % ALIGN + OFFSET)
     start = loop.time()
     random.seed(seed)
     events: list[resilient.Event] = []
@@ -122,7 +149,8 @@ async def _run(server: Any, wrap: str, prefix: str, plan: list[Caller], seed: in
             results = await asyncio.gather(*(call(i, at) for i, (at, _) in enumerate(plan)))
     finally:
         remove()
-    retry, breaker, backoff, throttle = policies
+    retry, breaker, backoff, *_, throttle = policies
+    limits = [p for p in policies if isinstance(p, ConcurrencyLimit)]
     return {
         "results": results,
         "arrivals": sorted(
@@ -143,6 +171,13 @@ async def _run(server: Any, wrap: str, prefix: str, plan: list[Caller], seed: in
             k: (round(t.tokens, 6), _rate(t.rate), t.waiting, t.in_flight)
             for k, t in throttle.stats().items()
         },
+        "limit": [
+            {
+                k: (s.limit, s.in_flight, s.waiting, s.rejected, _us(s.hold))
+                for k, s in limit.stats().items()
+            }
+            for limit in limits
+        ],
         "budget": retry.stats(),
     }
 
@@ -158,8 +193,11 @@ def _fact(event: resilient.Event, base: str) -> tuple[object, ...]:
 @pytest.mark.timeout(300)
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=callers, seed=st.integers(0, 2**32 - 1))
-async def test_the_pipeline_behaves_as_the_policies_run_as_middlewares(server, plan, seed):
+@pytest.mark.parametrize("policies", [_default, _sage_like], ids=["default", "sage-like"])
+async def test_the_pipeline_behaves_as_the_policies_run_as_middlewares(
+    server, policies, plan, seed
+):
     run = f"/{len(server.arrivals)}"  # one server for every example: fresh paths each time
-    whole = await _run(server, "ordered", run + "o", plan, seed)
-    chained = await _run(server, "chain", run + "p", plan, seed)
+    whole = await _run(server, policies(), "ordered", run + "o", plan, seed)
+    chained = await _run(server, policies(), "chain", run + "p", plan, seed)
     assert chained == whole
