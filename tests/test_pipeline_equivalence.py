@@ -1,14 +1,15 @@
-"""The pipeline changes nothing but the cost: the four policies of the default chain as one
+"""The pipeline changes nothing but the cost: the policies of a chain as one
 :class:`~resilient._pipeline.Pipeline` (``chain()``: each policy's fast path, handing over
-to its slow path on a wait, a 429, a retry) and as four ordinary middlewares
-(``_chain.ordered()``: each policy run whole) give the same results, the same requests on the
-wire at the same times, the same events and the same state, whatever the server answers.
+to its slow path on a wait, a 429, a retry) and as one ordinary middleware each
+(``_chain.ordered()``: each policy run whole) give the same results, the same requests
+on the wire at the same times, the same events and the same state, whatever the server
+answers. Two chains: the default four policies, and a Sage-like one.
 
-Hypothesis draws the callers (when each starts) and what the server answers each
-caller's attempts: 200, 500, 503, 429 with or without ``Retry-After``, a dropped
-connection, a slow 200, an advertised limit nearly spent. Both runs are in virtual time
-(looptime), start on the same phase of every time window, and draw the same jitter
-(``random`` seeded alike).
+Hypothesis draws the callers (when each starts, GET or POST) and what the server
+answers each caller's attempts: 200, 500, 503, 429 with or without ``Retry-After``, a
+dropped connection, a slow 200, an advertised limit nearly spent. Both runs are in
+virtual time (looptime), start on the same phase of every time window, and draw the
+same jitter (``random`` seeded alike).
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ REPLIES: dict[str, Callable[[], Reply]] = {
     ),
 }
 
-Caller = tuple[float, list[str]]
-"""When a caller starts (seconds after the run's start) and the server's answers to its
-attempts, in order (then 200)."""
+Caller = tuple[float, list[str], str]
+"""When a caller starts (seconds after the run's start), the server's answers to its
+attempts, in order (then 200), and its method."""
 
 callers = st.lists(
     st.tuples(
         st.integers(0, 400).map(lambda t: t * 0.0137),  # rarely two at one instant
         st.lists(st.sampled_from(sorted(REPLIES)), max_size=4),
+        st.sampled_from(["GET", "POST"]),  # a POST is not sent again after it may have landed
     ),
     min_size=1,
     max_size=14,
@@ -125,7 +127,7 @@ async def _run(
     relative to the run's start, and each policy's state at the end."""
     middlewares = resilient.chain(*policies) if wrap == "chain" else ordered(*policies)
     assert isinstance(middlewares[0], Pipeline) == (wrap == "chain")
-    for i, (_, replies) in enumerate(plan):
+    for i, (_, replies, _) in enumerate(plan):
         server.script(f"{prefix}/c{i}", *(REPLIES[r]() for r in replies))
     loop = asyncio.get_running_loop()
     await asyncio.sleep(ALIGN - loop.time() % ALIGN + OFFSET)
@@ -134,10 +136,10 @@ async def _run(
     events: list[resilient.Event] = []
     remove = resilient.add_hook(events.append)
 
-    async def call(i: int, at: float) -> tuple[int, object, float]:
+    async def call(i: int, at: float, method: str) -> tuple[int, object, float]:
         await asyncio.sleep(at)
         try:
-            async with session.get(f"{server.url}{prefix}/c{i}") as resp:
+            async with session.request(method, f"{server.url}{prefix}/c{i}", data=b"x") as resp:
                 await resp.read()
                 outcome: object = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -146,7 +148,9 @@ async def _run(
 
     try:
         async with aiohttp.ClientSession(middlewares=middlewares) as session:
-            results = await asyncio.gather(*(call(i, at) for i, (at, _) in enumerate(plan)))
+            results = await asyncio.gather(
+                *(call(i, at, method) for i, (at, _, method) in enumerate(plan))
+            )
     finally:
         remove()
     retry, breaker, backoff, *_, throttle = policies
