@@ -3,7 +3,7 @@
 to its slow path on a wait, a 429, a retry) and as one ordinary middleware each
 (``_chain.ordered()``: each policy run whole) give the same results, the same requests
 on the wire at the same times, the same events and the same state, whatever the server
-answers. Two chains: the default four policies, and a Sage-like one.
+answers. Three chains: the default four policies, a Sage-like one, and a hedged one.
 
 Hypothesis draws the callers (when each starts, GET or POST) and what the server
 answers each caller's attempts: 200, 500, 503, 429 with or without ``Retry-After``, a
@@ -27,7 +27,14 @@ from hypothesis import strategies as st
 from scripted import Reply, delayed, drop_connection
 
 import resilient
-from resilient import CircuitBreaker, ConcurrencyLimit, RateLimitBackoff, Retry, Throttle
+from resilient import (
+    CircuitBreaker,
+    ConcurrencyLimit,
+    Hedge,
+    RateLimitBackoff,
+    Retry,
+    Throttle,
+)
 from resilient._chain import ordered
 from resilient._pipeline import Pipeline
 
@@ -114,6 +121,11 @@ def _sage_like() -> tuple[Any, ...]:
     )
 
 
+def _hedged() -> tuple[Any, ...]:
+    """A hedge around the default chain: a copy of a GET still unanswered after 0.2 s."""
+    return (Hedge(delay=0.2), *_default())
+
+
 async def _run(
     server: Any,
     policies: tuple[Any, ...],
@@ -153,7 +165,8 @@ async def _run(
             )
     finally:
         remove()
-    retry, breaker, backoff, *_, throttle = policies
+    retry, breaker, backoff, *_, throttle = (p for p in policies if not isinstance(p, Hedge))
+    hedges = [p for p in policies if isinstance(p, Hedge)]
     limits = [p for p in policies if isinstance(p, ConcurrencyLimit)]
     return {
         "results": results,
@@ -182,6 +195,10 @@ async def _run(
             }
             for limit in limits
         ],
+        "hedge": [
+            {k: (_us(h.delay), h.samples, h.hedged, h.won) for k, h in hedge.stats().items()}
+            for hedge in hedges
+        ],
         "budget": retry.stats(),
     }
 
@@ -197,7 +214,9 @@ def _fact(event: resilient.Event, base: str) -> tuple[object, ...]:
 @pytest.mark.timeout(300)
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=callers, seed=st.integers(0, 2**32 - 1))
-@pytest.mark.parametrize("policies", [_default, _sage_like], ids=["default", "sage-like"])
+@pytest.mark.parametrize(
+    "policies", [_default, _sage_like, _hedged], ids=["default", "sage-like", "hedged"]
+)
 async def test_the_pipeline_behaves_as_the_policies_run_as_middlewares(
     server, policies, plan, seed
 ):
