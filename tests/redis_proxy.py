@@ -80,7 +80,11 @@ class RedisProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        except OSError:  # Redis is down: the client sees its connection closed, as it would
+            writer.close()
+            return
         pending: list[asyncio.Event | None] = []  # per command sent: the gate of its reply
 
         async def upstream() -> None:
