@@ -35,7 +35,7 @@ redis: services
 # (tests/test_distribution.py: sdist + wheel, installed into a fresh venv, imported).
 test: $(VENV)/.installed-test services
 	$(PY) -m ruff check resilient tests benchmarks examples
-	$(PY) -m mypy --strict resilient
+	$(PY) -m mypy --strict resilient benchmarks
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -46,7 +46,7 @@ lint: $(VENV)/.installed-test
 	$(PY) -m ruff check resilient tests benchmarks examples
 
 typecheck: $(VENV)/.installed-test
-	$(PY) -m mypy --strict resilient
+	$(PY) -m mypy --strict resilient benchmarks
 
 # The documentation site (mkdocs.yml, docs/): built into site/, or served with live reload.
 docs: $(VENV)/.installed-test

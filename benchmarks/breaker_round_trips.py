@@ -155,7 +155,9 @@ async def main(delay: float, n: int, rate: float) -> None:
             await asyncio.sleep(0.5)  # what this process knew of the key is out of date
             server.flush()
             rows.append(await _run(name, breaker, req, handler, n, rate, direct))
-            await breaker._shared._store.close()
+            shared = breaker._shared
+            assert shared is not None  # a Redis storage
+            await shared._store.close()
         await probe.aclose()
         await direct.aclose()
     finally:
