@@ -65,7 +65,6 @@ from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate
 from ._store import KIND, new_gates, waiting
 
 if TYPE_CHECKING:
-
     from ._learned import LearnedRate
 
 __all__ = [

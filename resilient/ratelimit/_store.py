@@ -40,7 +40,6 @@ from ..observe import _metrics
 from ._pause import PauseGate, PauseTooLong
 
 if TYPE_CHECKING:
-
     from ._learned import LearnedRate
 
 __all__ = ["KIND", "MemoryPause", "PauseStore", "new_gates", "waiting"]
