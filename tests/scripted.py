@@ -18,6 +18,15 @@ from resilient._policy import SLOW
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def reply(status: int = 200, **headers: str) -> Reply:
+    """A reply that answers ``status`` at once, with ``headers``."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, text=f"status {status}", headers=headers)
+
+    return answer
+
+
 def held(gate: asyncio.Event, status: int = 200) -> Reply:
     """A reply that waits for ``gate`` (the ``gate`` fixture) before answering ``status``."""
 

@@ -21,10 +21,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scripted import Reply, delayed, drop_connection
+from scripted import Reply, delayed, drop_connection, reply
 
 import resilient
 from resilient import (
@@ -56,23 +55,16 @@ def _rate(rate: float | None) -> float | None:
     return None if rate is None else float(f"{rate:.6g}")
 
 
-def _reply(status: int, **headers: str) -> Reply:
-    async def reply(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=status, text=f"status {status}", headers=headers)
-
-    return reply
-
-
 REPLIES: dict[str, Callable[[], Reply]] = {
-    "200": lambda: _reply(200),
-    "500": lambda: _reply(500),
-    "503": lambda: _reply(503),
-    "429": lambda: _reply(429),
-    "429 Retry-After 1": lambda: _reply(429, **{"Retry-After": "1"}),
-    "429 Retry-After 3": lambda: _reply(429, **{"Retry-After": "3"}),
+    "200": lambda: reply(200),
+    "500": lambda: reply(500),
+    "503": lambda: reply(503),
+    "429": lambda: reply(429),
+    "429 Retry-After 1": lambda: reply(429, **{"Retry-After": "1"}),
+    "429 Retry-After 3": lambda: reply(429, **{"Retry-After": "3"}),
     "dropped": lambda: drop_connection,
     "slow 200": lambda: delayed(0.35),
-    "200, 1 of 10 left for 2 s": lambda: _reply(
+    "200, 1 of 10 left for 2 s": lambda: reply(
         200, **{"RateLimit-Limit": "10", "RateLimit-Remaining": "1", "RateLimit-Reset": "2"}
     ),
 }

@@ -14,6 +14,7 @@ import pytest
 import scripted
 from aiohttp import web
 from redis_server import evalsha_calls
+from scripted import reply
 
 import resilient
 from resilient import RateLimitBackoff, RateLimited
@@ -25,13 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 
 class Counted(scripted.Watched, RateLimitBackoff):
     """A RateLimitBackoff that counts how it ran (``scripted.Watched``)."""
-
-
-def reply(status: int = 200, **headers: str) -> Reply:
-    async def answer(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=status, text=f"status {status}", headers=headers)
-
-    return answer
 
 
 def limited(retry_after: str) -> Reply:
