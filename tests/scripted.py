@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -63,6 +64,25 @@ async def until(condition: Callable[[], bool], steps: int = 10_000) -> None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError("condition never held")
+
+
+async def poll(
+    loop: asyncio.AbstractEventLoop,
+    settle: Callable[[float], Awaitable[None]],
+    check: Callable[[], Any],
+    limit: float,
+) -> Any:
+    """``check()`` (awaited when it returns an awaitable) once it is truthy, or its last
+    value after ``limit`` seconds of loop time, letting the loop ``settle(0.01)`` between
+    reads: what holds at rest in a model test."""
+    end = loop.time() + limit
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or loop.time() >= end:
+            return value
+        await settle(0.01)
 
 
 def facts(events: list[Event]) -> list[tuple[object, ...]]:

@@ -27,7 +27,6 @@ departures are milliseconds apart; the healthy lease off, so every admission ask
 from __future__ import annotations
 
 import asyncio
-import inspect
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -46,6 +45,7 @@ from hypothesis.stateful import (
 )
 from multidict import CIMultiDict, CIMultiDictProxy
 from redis_proxy import RedisProxy, arg
+from scripted import poll
 from yarl import URL
 
 import resilient.ratelimit._learned as learned_module
@@ -289,18 +289,7 @@ class PauseModel(RuleBasedStateMachine):
     def _until(self, check: Any, limit: float = OVER) -> Any:
         """``check()`` once it is truthy, or its last value after ``limit`` seconds (a
         Redis round trip on its way, a pause about to end: what holds at rest)."""
-
-        async def wait() -> Any:
-            end = self.loop.time() + limit
-            while True:
-                value = check()
-                if inspect.isawaitable(value):
-                    value = await value
-                if value or self.loop.time() >= end:
-                    return value
-                await self._settle(0.01)
-
-        return self.run(wait())
+        return self.run(poll(self.loop, self._settle, check, limit))
 
     def _busy_elsewhere(self, which: int) -> bool:
         """With Redis, another process's probe on the wire holds the key for everyone."""

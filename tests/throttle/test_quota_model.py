@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import inspect
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from redis_proxy import RedisProxy, arg
-from scripted import drop_connection
+from scripted import drop_connection, poll
 
 import resilient
 import resilient.storage._redis as redis_module
@@ -412,18 +411,17 @@ class QuotaModel(RuleBasedStateMachine):
 
     def _until(self, check: Any, limit: float) -> Any:
         """``check()`` once it is truthy, or its last value after ``limit`` seconds."""
+        return self.run(poll(self.loop, self._settle, check, limit))
 
-        async def wait() -> Any:
-            end = self.loop.time() + limit
-            while True:
-                value = check()
-                if inspect.isawaitable(value):
-                    value = await value
-                if value or self.loop.time() >= end:
-                    return value
-                await self._settle(0.01)
+    def _comes_right(self, find: Any, limit: float) -> bool:
+        """``await find()`` (what is wrong, or None) comes to None within ``limit``
+        seconds; its last finding stays in ``self.wrong``."""
 
-        return self.run(wait())
+        async def right() -> bool:
+            self.wrong = await find()
+            return self.wrong is None
+
+        return bool(self._until(right, limit))
 
     # --- rules ---------------------------------------------------------------------------
 
@@ -525,14 +523,10 @@ class QuotaModel(RuleBasedStateMachine):
         if seconds != "windows":
             return
 
-        async def moving() -> bool:
-            self.wrong = await self._stranded()
-            return self.wrong is None
-
         limit = 0.01 if self.memory else 0.6
         if not self.up:  # each ask of a waiter may take the storage timeout
             limit += SHORT_TIMEOUT * (2 + len(self.callers)) + self.longest
-        if not self._until(moving, limit):
+        if not self._comes_right(self._stranded, limit):
             self.broken.append(f"stranded: {self.wrong}")
 
     async def _stranded(self) -> str | None:
@@ -745,12 +739,7 @@ class QuotaModel(RuleBasedStateMachine):
     def redis_holds_only_what_a_process_holds(self) -> None:
         if self.server is None or not self.up:
             return
-
-        async def sound() -> bool:
-            self.wrong = await self._held_in_redis()
-            return self.wrong is None
-
-        assert self._until(sound, 0.6), self.wrong
+        assert self._comes_right(self._held_in_redis, 0.6), self.wrong
 
     async def _held_in_redis(self) -> str | None:
         await self._quiet()
@@ -793,12 +782,7 @@ class QuotaModel(RuleBasedStateMachine):
         self.settle(_lease.LEASE + 0.05)
         if self.server is None or not self.up:
             return
-
-        async def empty() -> bool:
-            self.wrong = await self._left_in_redis()
-            return self.wrong is None
-
-        assert self._until(empty, 0.6), self.wrong
+        assert self._comes_right(self._left_in_redis, 0.6), self.wrong
 
     async def _left_in_redis(self) -> str | None:
         await self._quiet()
