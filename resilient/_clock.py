@@ -17,7 +17,13 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import ClientRequest
 
-__all__ = ["now", "now_for", "sleep", "wall", "wall_after"]
+__all__ = ["DUE_SLACK", "now", "now_for", "sleep", "wall", "wall_after"]
+
+DUE_SLACK = 1e-6
+"""Seconds: a time (a pause's or a break's end) due this soon counts as come. asyncio
+fires a timer up to a clock tick early, and a loop clock with a coarse tick
+(``looptime``) may stop just short of a float ``until``: a caller that sleeps exactly
+the ``retry_after`` it was told must find the time come, not "retry in 0.000s"."""
 
 
 def now() -> float:

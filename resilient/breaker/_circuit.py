@@ -34,6 +34,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .._clock import DUE_SLACK
 from ._window import Window
 
 __all__ = [
@@ -183,7 +184,7 @@ class Circuit(Window):
             return -1, max(0.0, self.until - now), ""
         transition = ""
         if state == OPEN or len(self.slots) >= self.settings.half_open_probes:
-            if now < self.until:
+            if now + DUE_SLACK < self.until:
                 return -1, self.until - now, ""
             transition = HALF_OPENED_AGAIN if state == HALF_OPEN else HALF_OPENED
             self.state = HALF_OPEN
@@ -201,7 +202,7 @@ class Circuit(Window):
         if state == OPEN or (
             state == HALF_OPEN and len(self.slots) >= self.settings.half_open_probes
         ):
-            return self.until - now if now < self.until else 0.0
+            return self.until - now if now + DUE_SLACK < self.until else 0.0
         return 0.0
 
     def record(self, now: float, failed: bool, epoch: int, probe: bool) -> str:
@@ -262,11 +263,11 @@ class Circuit(Window):
     def state_at(self, now: float) -> int:
         """``state``, but open past its break reads half-open (the next call probes)."""
         state = self.state
-        return HALF_OPEN if state == OPEN and self.until <= now else state
+        return HALF_OPEN if state == OPEN and self.until <= now + DUE_SLACK else state
 
     def is_idle(self, now: float) -> bool:
         """Nothing to remember beyond soft counts: closed, or its open/probe time is up."""
-        return self.state == CLOSED or self.until <= now
+        return self.state == CLOSED or self.until <= now + DUE_SLACK
 
     def _trip_if_over(self, now: float) -> str:
         """Open on ``consecutive`` failures in a row, or when calls >= min_calls and

@@ -96,7 +96,8 @@ if op == 'admit' then
   end
   local transition = ''
   if state == 1 or admitted >= probes then
-    if now < untl then return {-1, epoch, tostring(untl - now), state, ''} end
+    -- a break ending within DUE_SLACK (1 us, resilient/_clock.py) counts as ended
+    if now + 1e-6 < untl then return {-1, epoch, tostring(untl - now), state, ''} end
     transition = (state == 2) and 'half_open_again' or 'half_open'
     state, epoch, admitted, successes, slots = 2, epoch + 1, 0, 0, ''
   end

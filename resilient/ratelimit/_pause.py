@@ -31,6 +31,7 @@ import math
 from collections import deque
 
 from .. import _clock
+from .._clock import DUE_SLACK
 from ._learned import LearnedRate
 
 __all__ = ["MAX_PAUSE", "PauseGate", "PauseTooLong"]
@@ -41,10 +42,6 @@ infinite retry time still makes every caller give up at once (it exceeds any wai
 
 _EPSILON = 1e-3
 """A caller with less than this many seconds left of its limit stops waiting."""
-DUE_SLACK = 1e-6
-"""Seconds: a pause ending this soon counts as ended. asyncio fires a timer up to a clock
-tick early, and a loop clock with a coarse tick (``looptime``) may stop just short of a
-float ``until``; without the slack the head would re-arm a zero-length timer forever."""
 
 
 class PauseTooLong(Exception):

@@ -57,11 +57,12 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 from .. import _clock
+from .._clock import DUE_SLACK
 from .._errors import RateLimited, StorageError
 from ..storage import OnStorageError
 from ..storage._redis import KEY_PREFIX, RedisStore, seconds, tag, text
 from ._learned import SLOW_START_MIN
-from ._pause import DUE_SLACK, MAX_PAUSE, PauseGate
+from ._pause import MAX_PAUSE, PauseGate
 from ._store import KIND, new_gates, waiting
 
 if TYPE_CHECKING:

@@ -49,6 +49,7 @@ from hypothesis.stateful import (
 from yarl import URL
 
 from resilient import CircuitOpenError
+from resilient._clock import DUE_SLACK
 from resilient.breaker._circuit import (
     BUCKETS,
     CLOSED,
@@ -497,6 +498,30 @@ def test_a_refusal_is_what_admit_would_answer_without_holding_anything(probes):
         assert (verdict < 0) == (left > 0.0)
         if verdict < 0:
             assert seconds == left
+
+
+@given(
+    opened=st.integers(0, 10**13),
+    told=st.floats(0.0, 1.0),
+    pause=st.floats(1e-3, 86_400.0),
+)
+def test_a_caller_that_waits_exactly_its_retry_after_is_let_through(opened, told, pause):
+    """A loop clock ticks in whole microseconds (``looptime``; asyncio may fire a timer
+    up to a tick early): a caller that sleeps exactly its ``retry_after`` may wake a hair
+    short of ``until``. A break due within ``DUE_SLACK`` counts as ended (CI saw "retry
+    in 0.000s" after such a sleep)."""
+    tick = 1e-6
+    circuit = Circuit("k", Settings(0.5, 2, pause, 1, 1.0, NEVER, pause))
+    _trip(circuit, opened * tick)
+    at = round(opened + told * pause / tick) * tick  # refused somewhere in the break ...
+    left = circuit.refusal(at)
+    back = (round(at / tick) + round(left / tick)) * tick  # ... it sleeps what it was told
+    assert circuit.refusal(back) == 0.0, (at, left, back, circuit.until)
+    assert circuit.state_at(back) == HALF_OPEN
+    assert circuit.admit(back, "back")[0] == 1
+    circuit = Circuit("k", Settings(0.5, 2, pause, 1, 1.0, NEVER, pause))
+    _trip(circuit, opened * tick)
+    assert circuit.refusal(circuit.until - 2 * DUE_SLACK) > 0.0  # a real wait is kept
 
 
 @pytest.mark.parametrize("consecutive", [3, NEVER])
