@@ -24,16 +24,19 @@ go in the background, one send per key at a time: those that come while a send i
 way go together in the next one.
 
 **What is held is handed back.** A ticket is leased in Redis for the longest window plus
-:data:`IN_FLIGHT_LEASE` seconds: a landing that never comes (the process died, or Redis
-failed then) holds its place at least as long as a recorded slot would have, then
-frees it. A boarding that never answers its caller (cancelled, or its reply came after
-the storage timeout: ``StorageError``) may have boarded all the same: ``quota_forget``
-takes its tickets out in the background, naming them, and if the boarding has not
-arrived yet (its command was overtaken) remembers its first ticket as gone, so that
-boarding counts nothing. Leased tickets unused :data:`~resilient.throttle._lease.LEASE`
-seconds after their lease, and every spare at :meth:`RedisQuotas.drain`, are handed
-back by name. A window full of other processes' requests in flight is looked at again
-every :data:`POLL` seconds (their landings do not wake this process).
+:data:`IN_FLIGHT_LEASE` seconds. A landing (re-lease, hand-back) Redis fails to answer
+may have run or not: it is sent again after each :data:`SEND_AGAIN` pause (run twice, a
+landing counts twice: fewer sends, never more). One that never comes (the process died,
+or Redis failed through every re-send) holds its place at least as long as a recorded
+slot would have, then frees it. A boarding that never answers its caller (cancelled, or
+its reply came after the storage timeout: ``StorageError``) may have boarded all the
+same: ``quota_forget`` takes its tickets out in the background, naming them, and if the
+boarding has not arrived yet (its command was overtaken) remembers its first ticket as
+gone, so that boarding counts nothing. Leased tickets unused
+:data:`~resilient.throttle._lease.LEASE` seconds after their lease, and every spare at
+:meth:`RedisQuotas.drain`, are handed back by name. A window full of other processes'
+requests in flight is looked at again every :data:`POLL` seconds (their landings do not
+wake this process).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ KEY_CACHE = 1024
 """Policy keys whose Redis key names (and idle leases) are kept (the oldest go first)."""
 MAX_BATCH = 512
 """Most tickets one ``quota_land`` call carries (more go in the next call)."""
+SEND_AGAIN = (0.25, 1.0, 4.0)
+"""Seconds after which a ``quota_land`` call Redis failed to answer is sent again, once
+per entry (alone: what comes meanwhile goes next); then its tickets' leases free them."""
 
 _KIND = "throttle"
 _BOARDED = (0.0, "")
@@ -78,8 +84,10 @@ class RedisQuotas:
     """
 
     __slots__ = (
+        "_again",
         "_args",
         "_client",
+        "_draining",
         "_flights",
         "_items",
         "_landed",
@@ -119,8 +127,13 @@ class RedisQuotas:
         """key -> spares taken into use, neither landed nor re-leased yet (in order)."""
         self._returned: dict[str, list[str]] = {}
         """key -> spares handed back unused, not sent yet."""
+        self._again: dict[str, tuple[list[str], list[str], list[str], int]] = {}
+        """key -> a batch Redis failed to take (landed, used, returned) and its failures,
+        waiting to be sent again (:data:`SEND_AGAIN`)."""
         self._flights: dict[str, asyncio.Task[None]] = {}
         """key -> its send on its way (one per key at a time)."""
+        self._draining = False
+        """:meth:`drain` runs: a failed send is not sent again later."""
         self._timer: asyncio.TimerHandle | None = None
         """Sends the re-leases of the spares taken into use (:data:`USED_FLUSH`)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -214,27 +227,35 @@ class RedisQuotas:
     async def drain(self) -> None:
         """Hand back every spare, send every re-lease and landing, wait until the
         background work has reached Redis, and forget the keys' demand (the next request
-        of a key boards alone): for tests and shutdown."""
+        of a key boards alone): for tests and shutdown. A send Redis failed is sent once
+        more, now (no :data:`SEND_AGAIN` pause)."""
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
-        while True:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            for key, lease in list(self._leases.items()):
-                if lease.timer is not None:
-                    lease.timer.cancel()
-                    lease.timer = None
-                if lease.spare:
-                    self._hand_back(key, lease.clear())
-                if not lease.asking:
-                    del self._leases[key]
-            for key in [*self._used, *self._landed, *self._returned]:
-                if key not in self._flights:
-                    self._send(key)
-            if not self._tasks:
-                return
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._draining = True
+        try:
+            while True:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                for key, lease in list(self._leases.items()):
+                    if lease.timer is not None:
+                        lease.timer.cancel()
+                        lease.timer = None
+                    if lease.spare:
+                        self._hand_back(key, lease.clear())
+                    if not lease.asking:
+                        del self._leases[key]
+                for key, flight in self._flights.items():
+                    if key in self._again:  # in its pause: it goes now instead
+                        flight.cancel()
+                for key in [*self._used, *self._landed, *self._returned, *self._again]:
+                    if key not in self._flights:
+                        self._send(key)
+                if not self._tasks:
+                    return
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._draining = False
 
     # --- boarding -------------------------------------------------------------------
 
@@ -350,38 +371,55 @@ class RedisQuotas:
 
     async def _fly(self, key: str) -> None:
         """Send ``key``'s re-leases, landings and hand-backs, :data:`MAX_BATCH` tickets at
-        most per call, re-leases first (the rest, and what comes meanwhile, goes next)."""
+        most per call, re-leases first (the rest, and what comes meanwhile, goes next).
+
+        A call Redis fails to answer may have run or not: it is sent again after each
+        :data:`SEND_AGAIN` pause. Sent twice, a landing counts twice (fewer sends for a
+        window, never more); never sent, it would hold its place for its lease."""
         try:
             while True:
-                used = list(self._used.pop(key, ()))
-                if len(used) > MAX_BATCH:
-                    self._used[key] = dict.fromkeys(used[MAX_BATCH:])
-                    used = used[:MAX_BATCH]
-                landed = _cut(self._landed, key, MAX_BATCH - len(used))
-                returned = _cut(self._returned, key, MAX_BATCH - len(used) - len(landed))
-                if not used and not landed and not returned:
-                    return
-                await self._land(key, landed, used, returned)
+                again = self._again.pop(key, None)
+                if again is not None:
+                    landed, used, returned, failures = again
+                else:
+                    failures = 0
+                    used = list(self._used.pop(key, ()))
+                    if len(used) > MAX_BATCH:
+                        self._used[key] = dict.fromkeys(used[MAX_BATCH:])
+                        used = used[:MAX_BATCH]
+                    landed = _cut(self._landed, key, MAX_BATCH - len(used))
+                    returned = _cut(self._returned, key, MAX_BATCH - len(used) - len(landed))
+                    if not used and not landed and not returned:
+                        return
+                sent = await self._land(key, landed, used, returned, failures)
+                if not sent and failures < len(SEND_AGAIN) and not self._draining:
+                    self._again[key] = (landed, used, returned, failures + 1)
+                    await _clock.sleep(SEND_AGAIN[failures])
         finally:
             if self._flights.get(key) is asyncio.current_task():
                 del self._flights[key]
 
     async def _land(
-        self, key: str, landed: list[str], used: list[str], returned: list[str]
-    ) -> None:
+        self, key: str, landed: list[str], used: list[str], returned: list[str], failures: int
+    ) -> bool:
+        """One ``quota_land`` call; False: Redis failed (after ``failures`` before). The
+        first failure counts the landings in this process's own windows."""
         try:
             await self._store.run(
                 "throttle/quota_land",
                 self._keys(key),
                 [len(landed), len(used), self._ttl, *self._args, *landed, *used, *returned],
             )
-        except StorageError as exc:  # the tickets' leases free Redis's count
-            self._store.warn(_KIND, exc, _clock.now(), "the slots are counted here only")
+            return True
+        except StorageError as exc:
             local = self._local
-            if local is not None:
+            if local is not None and not failures:
                 now = _clock.now()
                 for _ in landed:
                     local.record_at(key, now)
+            then = "the landings are sent again" if failures < len(SEND_AGAIN) else "given up"
+            self._store.warn(_KIND, exc, _clock.now(), then)
+            return False
 
     async def _forget(self, key: str, first: int, want: int) -> None:
         names = self._keys(key)
@@ -412,7 +450,7 @@ class RedisQuotas:
             lease.asking = False
             if lease.spare:
                 self._returned.setdefault(key, []).extend(lease.clear())
-        for key in {*self._used, *self._landed, *self._returned}:
+        for key in {*self._used, *self._landed, *self._returned, *self._again}:
             self._send(key)
 
     def _keys(self, key: str) -> list[str]:

@@ -8,6 +8,7 @@ Real ``redis-server`` (stopped and restarted by the tests that need it); real ti
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any
 
@@ -15,8 +16,12 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
+from redis_proxy import RedisProxy, arg
+from scripted import held, until
 
 import resilient
+import resilient.storage._redis as redis_module
+import resilient.throttle._redis as quota_redis
 from resilient import StorageError, Throttle
 from resilient.throttle import _lease
 from resilient.throttle._quota import Quotas
@@ -108,6 +113,79 @@ async def test_redis_decides_again_once_it_is_back(server, redis_server):
         quotas: Any = t._quotas
         await quotas.drain()
         await quotas.store.close()
+
+
+@pytest.mark.parametrize("drained", [False, True], ids=["by-itself", "at-drain"])
+async def test_a_landing_redis_never_got_is_sent_again(server, redis_server, monkeypatch, drained):
+    """The landing's command is lost on the way (Redis never runs it; the call times
+    out): it goes again (after its pause, or at once at :meth:`RedisQuotas.drain`), so
+    the ticket leaves Redis's in-flight set now, not at its 300 s lease, and its slot is
+    counted in Redis's window."""
+    monkeypatch.setattr(redis_module, "STORAGE_TIMEOUT", 0.2)
+    monkeypatch.setattr(quota_redis, "SEND_AGAIN", (30.0 if drained else 0.05,))
+    proxy = RedisProxy(redis_server.port)
+    await proxy.start()
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    throttle = Throttle(1000.0, quotas="5/minute", storage=proxy.url)
+    quotas: Any = throttle._quotas
+    land = hashlib.sha1(redis_module._script("throttle/quota_land").encode()).hexdigest()
+    flying = f"resilient:throttle/{{{server.url}}}/flying"
+    try:
+        proxy.hold_command(arg(land))
+        async with aiohttp.ClientSession(middlewares=(throttle,)) as session:
+            assert await get(session, server.url + "/x") == 200
+        await asyncio.wait_for(proxy.held.wait(), 5.0)
+        assert await direct.zcard(flying) == 1  # boarded; its landing is held
+        if drained:
+            async with asyncio.timeout(5.0):  # the call timed out: it waits to go again
+                while not quotas._again:
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(quotas.drain(), 5.0)
+        proxy.drop()
+        async with asyncio.timeout(5.0):
+            while quotas._tasks:
+                await asyncio.sleep(0.01)
+        assert not quotas._again
+        assert await direct.zcard(flying) == 0
+        windows = [k async for k in direct.scan_iter("resilient:LIMITER/*")]
+        assert [await direct.llen(k) for k in windows] == [1]  # counted once, in Redis
+    finally:
+        await quotas.drain()
+        await quotas.store.close()
+        await direct.aclose()
+        await proxy.close()
+
+
+async def test_a_landing_counts_once_here_however_often_redis_fails_to_take_it(
+    server, redis_server, monkeypatch, caplog
+):
+    """Redis goes down while the request is on the wire: its landing fails, is sent
+    again and fails each time; this process's windows count its slot once, and then
+    the landing is given up (its ticket's lease frees it in Redis)."""
+    caplog.set_level(logging.WARNING, logger="resilient")
+    monkeypatch.setattr(quota_redis, "SEND_AGAIN", (0.01, 0.02))
+    monkeypatch.setattr(redis_module, "WARN_EVERY", 0.0)
+    gate = asyncio.Event()
+    server.default("/x", held(gate))
+    throttle = Throttle(
+        1000.0, quotas="5/minute", storage=redis_server.url, on_storage_error="allow"
+    )
+    quotas: Any = throttle._quotas
+    async with aiohttp.ClientSession(middlewares=(throttle,)) as session:
+        call = asyncio.create_task(get(session, server.url + "/x"))
+        await until(lambda: server.count("/x") == 1)
+        redis_server.stop()
+        gate.set()
+        assert await call == 200
+        async with asyncio.timeout(10.0):
+            while quotas._tasks:
+                await asyncio.sleep(0.01)
+    local: Any = throttle._fallback
+    assert [len(w.slots) for w in local._windows[server.url]] == [1]
+    assert not quotas._again
+    assert not quotas._landed
+    thens = [r.getMessage().rsplit("; ", 1)[-1] for r in caplog.records]
+    assert thens[-3:] == ["the landings are sent again"] * 2 + ["given up"]
 
 
 def _serve_and_send(throttle: Throttle, count: int) -> tuple[list[int | str], int]:
