@@ -42,6 +42,7 @@ wake this process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Coroutine
 from functools import partial
@@ -89,6 +90,7 @@ class RedisQuotas:
         "_client",
         "_draining",
         "_flights",
+        "_hurry",
         "_items",
         "_landed",
         "_leases",
@@ -134,6 +136,8 @@ class RedisQuotas:
         """key -> its send on its way (one per key at a time)."""
         self._draining = False
         """:meth:`drain` runs: a failed send is not sent again later."""
+        self._hurry: asyncio.Event | None = None
+        """Set by :meth:`drain`: a send in its :data:`SEND_AGAIN` pause goes at once."""
         self._timer: asyncio.TimerHandle | None = None
         """Sends the re-leases of the spares taken into use (:data:`USED_FLUSH`)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -232,6 +236,8 @@ class RedisQuotas:
         if asyncio.get_running_loop() is not self._loop:
             self._adopt()
         self._draining = True
+        if self._hurry is not None:
+            self._hurry.set()
         try:
             while True:
                 if self._timer is not None:
@@ -245,9 +251,6 @@ class RedisQuotas:
                         self._hand_back(key, lease.clear())
                     if not lease.asking:
                         del self._leases[key]
-                for key, flight in self._flights.items():
-                    if key in self._again:  # in its pause: it goes now instead
-                        flight.cancel()
                 for key in [*self._used, *self._landed, *self._returned, *self._again]:
                     if key not in self._flights:
                         self._send(key)
@@ -256,6 +259,7 @@ class RedisQuotas:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
         finally:
             self._draining = False
+            self._hurry = None
 
     # --- boarding -------------------------------------------------------------------
 
@@ -394,7 +398,7 @@ class RedisQuotas:
                 sent = await self._land(key, landed, used, returned, failures)
                 if not sent and failures < len(SEND_AGAIN) and not self._draining:
                     self._again[key] = (landed, used, returned, failures + 1)
-                    await _clock.sleep(SEND_AGAIN[failures])
+                    await self._pause(SEND_AGAIN[failures])
         finally:
             if self._flights.get(key) is asyncio.current_task():
                 del self._flights[key]
@@ -422,14 +426,32 @@ class RedisQuotas:
             return False
 
     async def _forget(self, key: str, first: int, want: int) -> None:
+        """Take out a boarding that never answered its caller; a call Redis fails to
+        answer is sent again after each :data:`SEND_AGAIN` pause (Redis, slow enough to
+        fail the boarding, may fail this too), then the tickets' lease frees them."""
         names = self._keys(key)
         tickets = [f"{self._client}:{first + i}" for i in range(want)]
-        try:
-            await self._store.run(
-                "throttle/quota_forget", [names[0], names[-1]], [self._ttl, *tickets]
-            )
-        except StorageError as exc:
-            self._store.warn(_KIND, exc, _clock.now(), "the tickets' lease frees them")
+        for pause in (*SEND_AGAIN, None):
+            try:
+                await self._store.run(
+                    "throttle/quota_forget", [names[0], names[-1]], [self._ttl, *tickets]
+                )
+                return
+            except StorageError as exc:
+                if pause is None or self._draining:
+                    self._store.warn(_KIND, exc, _clock.now(), "the tickets' lease frees them")
+                    return
+                self._store.warn(_KIND, exc, _clock.now(), "the forget is sent again")
+                await self._pause(pause)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` before a send goes again, or less if :meth:`drain` hurries."""
+        hurry = self._hurry
+        if hurry is None:
+            hurry = self._hurry = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await hurry.wait()
 
     def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
@@ -445,6 +467,7 @@ class RedisQuotas:
         self._flights.clear()
         self._tasks = set()
         self._timer = None
+        self._hurry = None
         for key, lease in self._leases.items():
             lease.timer = None
             lease.asking = False

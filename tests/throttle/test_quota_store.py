@@ -115,40 +115,59 @@ async def test_redis_decides_again_once_it_is_back(server, redis_server):
         await quotas.store.close()
 
 
+def _sha(name: str) -> bytes:
+    """A proxy marker: the SHA1 argument ``EVALSHA`` runs script ``name`` by."""
+    return arg(hashlib.sha1(redis_module._script(name).encode()).hexdigest())
+
+
 @pytest.mark.parametrize("drained", [False, True], ids=["by-itself", "at-drain"])
-async def test_a_landing_redis_never_got_is_sent_again(server, redis_server, monkeypatch, drained):
-    """The landing's command is lost on the way (Redis never runs it; the call times
-    out): it goes again (after its pause, or at once at :meth:`RedisQuotas.drain`), so
-    the ticket leaves Redis's in-flight set now, not at its 300 s lease, and its slot is
-    counted in Redis's window."""
+@pytest.mark.parametrize("lost", ["quota_land", "quota_forget"])
+async def test_a_send_redis_never_got_is_sent_again(
+    server, redis_server, monkeypatch, caplog, lost, drained
+):
+    """A background send's command is lost on the way (Redis never runs it; the call
+    times out): it goes again, after its pause or at once at :meth:`RedisQuotas.drain`,
+    so Redis's in-flight set is empty now, not at the tickets' 300 s lease.
+
+    ``quota_land``: the landing of a request that went; its slot is counted in Redis's
+    window once. ``quota_forget``: a boarding whose reply came too late (the caller got
+    StorageError) is taken out."""
+    caplog.set_level(logging.WARNING, logger="resilient")
     monkeypatch.setattr(redis_module, "STORAGE_TIMEOUT", 0.2)
+    monkeypatch.setattr(redis_module, "WARN_EVERY", 0.0)
     monkeypatch.setattr(quota_redis, "SEND_AGAIN", (30.0 if drained else 0.05,))
     proxy = RedisProxy(redis_server.port)
     await proxy.start()
     direct = redis.asyncio.Redis.from_url(redis_server.url)
     throttle = Throttle(1000.0, quotas="5/minute", storage=proxy.url)
     quotas: Any = throttle._quotas
-    land = hashlib.sha1(redis_module._script("throttle/quota_land").encode()).hexdigest()
     flying = f"resilient:throttle/{{{server.url}}}/flying"
     try:
-        proxy.hold_command(arg(land))
         async with aiohttp.ClientSession(middlewares=(throttle,)) as session:
-            assert await get(session, server.url + "/x") == 200
-        await asyncio.wait_for(proxy.held.wait(), 5.0)
-        assert await direct.zcard(flying) == 1  # boarded; its landing is held
-        if drained:
-            async with asyncio.timeout(5.0):  # the call timed out: it waits to go again
-                while not quotas._again:
-                    await asyncio.sleep(0.01)
+            assert await get(session, server.url + "/x") == 200  # Redis has the scripts
             await asyncio.wait_for(quotas.drain(), 5.0)
+            assert await direct.zcard(flying) == 0
+            if lost == "quota_forget":
+                proxy.hold_reply(_sha("throttle/quota_board"))
+            proxy.hold_command(_sha(f"throttle/{lost}"))
+            went = await get(session, server.url + "/x")
+        assert went == (200 if lost == "quota_land" else "StorageError")
+        await asyncio.wait_for(proxy.held.wait(), 5.0)
+        assert await direct.zcard(flying) == 1  # boarded; what takes it out is held
+        async with asyncio.timeout(5.0):  # the held send timed out
+            while not any("storage" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.01)
         proxy.drop()
+        if drained:
+            await asyncio.wait_for(quotas.drain(), 5.0)
         async with asyncio.timeout(5.0):
             while quotas._tasks:
                 await asyncio.sleep(0.01)
         assert not quotas._again
         assert await direct.zcard(flying) == 0
         windows = [k async for k in direct.scan_iter("resilient:LIMITER/*")]
-        assert [await direct.llen(k) for k in windows] == [1]  # counted once, in Redis
+        counted = [await direct.llen(k) for k in windows]
+        assert counted == ([2] if lost == "quota_land" else [1])  # once, in Redis
     finally:
         await quotas.drain()
         await quotas.store.close()
