@@ -178,6 +178,8 @@ class RedisCircuits:
         ticket = known.ticket
         if ticket is not None:
             return ticket
+        if known.ends - now <= _clock.DUE_SLACK:  # the break is over: Redis says what now
+            return None
         retry_after = min(known.ends - now, self._max_open_for)
         raise refuse(key, retry_after, STATE_NAMES[known.state], request)
 

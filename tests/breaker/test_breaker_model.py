@@ -524,6 +524,30 @@ def test_a_caller_that_waits_exactly_its_retry_after_is_let_through(opened, told
     assert circuit.refusal(circuit.until - 2 * DUE_SLACK) > 0.0  # a real wait is kept
 
 
+def test_the_redis_mirror_lets_a_caller_back_once_its_break_is_due():
+    """The Redis store's mirror refuses until ``ends`` without a round trip; a caller
+    back a hair short of it (a microsecond-tick clock) is not refused for "0.000s":
+    it asks Redis, which says what now."""
+    from resilient.breaker._redis import RedisCircuits, _Known
+    from resilient.storage._redis import RedisStore
+
+    settings = Settings(0.5, 2, 10.0, 1, 1.0, NEVER, 10.0)
+    store = RedisCircuits(RedisStore("redis://127.0.0.1:1/0"), settings, 10)
+    clock = Clock(1000.0)
+    request: Any = Stub(clock)
+    store.admit("k", request)  # adopts the stand-in loop (nothing known yet)
+    ends = 1000.0 + 0.3
+    store._mirror["k"] = _Known(1, ends, OPEN, None, ends)
+    with pytest.raises(CircuitOpenError) as caught:
+        store.admit("k", request)
+    assert caught.value.retry_after == pytest.approx(0.3)
+    clock.now = ends - DUE_SLACK / 2
+    assert store.admit("k", request) is None  # due: Redis is asked
+    clock.now = ends - 2 * DUE_SLACK
+    with pytest.raises(CircuitOpenError):
+        store.admit("k", request)
+
+
 @pytest.mark.parametrize("consecutive", [3, NEVER])
 @given(
     runs=st.lists(st.integers(0, 6), max_size=12),
