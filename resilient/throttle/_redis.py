@@ -70,8 +70,9 @@ KEY_CACHE = 1024
 MAX_BATCH = 512
 """Most tickets one ``quota_land`` call carries (more go in the next call)."""
 SEND_AGAIN = (0.25, 1.0, 4.0)
-"""Seconds after which a ``quota_land`` call Redis failed to answer is sent again, once
-per entry (alone: what comes meanwhile goes next); then its tickets' leases free them."""
+"""Seconds after which a background call (``quota_land``, ``quota_forget``) Redis failed
+to answer is sent again, once per entry (alone: what comes meanwhile goes next); then
+its tickets' leases free them."""
 
 _KIND = "throttle"
 _BOARDED = (0.0, "")
@@ -395,8 +396,7 @@ class RedisQuotas:
                     returned = _cut(self._returned, key, MAX_BATCH - len(used) - len(landed))
                     if not used and not landed and not returned:
                         return
-                sent = await self._land(key, landed, used, returned, failures)
-                if not sent and failures < len(SEND_AGAIN) and not self._draining:
+                if not await self._land(key, landed, used, returned, failures):
                     self._again[key] = (landed, used, returned, failures + 1)
                     await self._pause(SEND_AGAIN[failures])
         finally:
@@ -406,8 +406,9 @@ class RedisQuotas:
     async def _land(
         self, key: str, landed: list[str], used: list[str], returned: list[str], failures: int
     ) -> bool:
-        """One ``quota_land`` call; False: Redis failed (after ``failures`` before). The
-        first failure counts the landings in this process's own windows."""
+        """One ``quota_land`` call, after ``failures`` failed ones: True once done with
+        (Redis took it, or it is given up), False to be sent again. The first failure
+        counts the landings in this process's own windows."""
         try:
             await self._store.run(
                 "throttle/quota_land",
@@ -421,9 +422,10 @@ class RedisQuotas:
                 now = _clock.now()
                 for _ in landed:
                     local.record_at(key, now)
-            then = "the landings are sent again" if failures < len(SEND_AGAIN) else "given up"
+            again = failures < len(SEND_AGAIN) and not self._draining
+            then = "the landings are sent again" if again else "given up"
             self._store.warn(_KIND, exc, _clock.now(), then)
-            return False
+            return not again
 
     async def _forget(self, key: str, first: int, want: int) -> None:
         """Take out a boarding that never answered its caller; a call Redis fails to
