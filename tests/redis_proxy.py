@@ -16,14 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 
-__all__ = ["RedisProxy", "arg"]
+from resilient.storage._redis import _script
+
+__all__ = ["RedisProxy", "arg", "script"]
 
 
 def arg(text: str) -> bytes:
     """The RESP frame of one command argument: a marker that matches it exactly."""
     data = text.encode()
     return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def script(name: str) -> bytes:
+    """A marker of every run of ``resilient/<name>.lua``: the SHA1 ``EVALSHA`` names it by."""
+    return arg(hashlib.sha1(_script(name).encode()).hexdigest())
 
 
 class RedisProxy:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from redis_proxy import RedisProxy, arg
+from redis_proxy import RedisProxy, script
 from scripted import drop_connection, poll
 
 import resilient
@@ -86,11 +85,6 @@ VIRTUAL_SETTLE = 0.002
 """Virtual seconds a step of the memory model lets the loop run."""
 JITTER = 1e-6
 """Seconds: float rounding on a window's edge (looptime runs in microseconds)."""
-
-
-def script_sha(name: str) -> str:
-    """The SHA1 ``EVALSHA`` names ``resilient/<name>.lua`` by (a proxy marker)."""
-    return hashlib.sha1(redis_module._script(name).encode()).hexdigest()
 
 
 def most_in_a_span(times: list[float], span: float) -> int:
@@ -630,7 +624,7 @@ class QuotaModel(RuleBasedStateMachine):
         cancelled meanwhile."""
         proxy = self.proxy
         assert proxy is not None
-        marker = arg(script_sha(f"throttle/{op}"))
+        marker = script(f"throttle/{op}")
         (proxy.hold_reply if held == "reply" else proxy.hold_command)(marker)
         self._storm()
 

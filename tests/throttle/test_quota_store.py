@@ -8,7 +8,6 @@ Real ``redis-server`` (stopped and restarted by the tests that need it); real ti
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 from aiohttp import web
-from redis_proxy import RedisProxy, arg
+from redis_proxy import RedisProxy, script
 from scripted import held, until
 
 import resilient
@@ -115,11 +114,6 @@ async def test_redis_decides_again_once_it_is_back(server, redis_server):
         await quotas.store.close()
 
 
-def _sha(name: str) -> bytes:
-    """A proxy marker: the SHA1 argument ``EVALSHA`` runs script ``name`` by."""
-    return arg(hashlib.sha1(redis_module._script(name).encode()).hexdigest())
-
-
 @pytest.mark.parametrize("drained", [False, True], ids=["by-itself", "at-drain"])
 @pytest.mark.parametrize("lost", ["quota_land", "quota_forget"])
 async def test_a_send_redis_never_got_is_sent_again(
@@ -148,8 +142,8 @@ async def test_a_send_redis_never_got_is_sent_again(
             await asyncio.wait_for(quotas.drain(), 5.0)
             assert await direct.zcard(flying) == 0
             if lost == "quota_forget":
-                proxy.hold_reply(_sha("throttle/quota_board"))
-            proxy.hold_command(_sha(f"throttle/{lost}"))
+                proxy.hold_reply(script("throttle/quota_board"))
+            proxy.hold_command(script(f"throttle/{lost}"))
             went = await get(session, server.url + "/x")
         assert went == (200 if lost == "quota_land" else "StorageError")
         await asyncio.wait_for(proxy.held.wait(), 5.0)
